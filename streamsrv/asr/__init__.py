@@ -1,0 +1,1 @@
+"""Speech recognition: model loading, voice activity detection, the batch executor."""

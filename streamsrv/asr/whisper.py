@@ -1,0 +1,207 @@
+"""Whisper on CTranslate2, run as one batch over windows from many calls.
+
+Each request is one call's window: the audio of one speech segment (never more than
+MAX_SEGMENT_SECONDS) plus the call's recent final text as the prompt. The window is padded with
+silence to MIN_WINDOW_SECONDS at least, rounded up to whole seconds, and every window of a
+batch to the longest: the encoder's cost follows the window length, so short segments do not
+pay for 30 s. Partials decode greedily; finals with FINAL_BEAM_SIZE and word timestamps.
+
+Hallucination guards, as in Whisper's own transcribe(): a window whose no-speech probability is
+high and whose text is unlikely is silence; a window whose text compresses too well is a loop.
+Both give empty text. The VAD upstream already keeps silence and line noise away from the model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from streamsrv.audio import FloatArray
+from streamsrv.config import Settings
+
+SAMPLE_RATE = 16000
+FRAMES_PER_SECOND = 100
+MAX_PROMPT_TOKENS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(slots=True)
+class AsrRequest:
+    call_id: str
+    audio: FloatArray
+    final: bool
+    language: str | None  # None: detect
+    prompt: str = ""
+
+
+@dataclass(slots=True)
+class AsrResult:
+    text: str
+    language: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    words: list[Word] = field(default_factory=list)
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+class WhisperRunner:
+    """Owns the model; run_batch is called from the executor's worker threads."""
+
+    def __init__(self, model_path: str, device: str, compute_type: str, settings: Settings):
+        from faster_whisper import WhisperModel
+
+        self.settings = settings
+        self.model = WhisperModel(
+            model_path,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=settings.cpu_threads,
+            num_workers=settings.max_concurrent_gpu_requests if device == "cuda" else 1,
+        )
+        self.multilingual: bool = self.model.model.is_multilingual
+        self._tokenizers: dict[str, Any] = {}
+
+    def tokenizer(self, language: str) -> Any:
+        from faster_whisper.tokenizer import Tokenizer
+
+        if language not in self._tokenizers:
+            self._tokenizers[language] = Tokenizer(
+                self.model.hf_tokenizer,
+                self.multilingual,
+                task="transcribe",
+                language=language if self.multilingual else "en",
+            )
+        return self._tokenizers[language]
+
+    def _features(self, batch: list[AsrRequest]) -> tuple[np.ndarray, list[int]]:
+        """Log-mel features of each window, padded with silence in the audio domain as Whisper
+        was trained (the padding shares the window's normalisation), to one length."""
+        extractor = self.model.feature_extractor
+        longest = max(len(req.audio) for req in batch)
+        seconds = max(self.settings.min_window_seconds, math.ceil(longest / SAMPLE_RATE))
+        samples = int(min(30, seconds) * SAMPLE_RATE)
+        frames = samples // extractor.hop_length
+        out = np.empty((len(batch), extractor.mel_filters.shape[0], frames), dtype=np.float32)
+        for i, req in enumerate(batch):
+            audio = req.audio[:samples]
+            padded = np.concatenate([audio, np.zeros(samples - len(audio), dtype=np.float32)])
+            out[i] = extractor(padded)[:, :frames]
+        lengths = [min(len(req.audio), samples) // extractor.hop_length for req in batch]
+        return out, lengths
+
+    def _languages(self, batch: list[AsrRequest], encoded: Any) -> list[str]:
+        if not self.multilingual:
+            return ["en"] * len(batch)
+        languages = [req.language for req in batch]
+        if any(lang is None for lang in languages):
+            detected = self.model.model.detect_language(encoded)
+            for i, ranked in enumerate(detected):
+                if languages[i] is None:
+                    languages[i] = ranked[0][0][2:-2]
+        return [lang or "en" for lang in languages]
+
+    def _prompts(self, tokenizers: list[Any], batch: list[AsrRequest]) -> list[list[int]]:
+        """Start sequences with each call's recent text as the previous-text prompt.
+
+        CTranslate2 needs the start-of-transcript token at one position for the whole batch,
+        so every prompt keeps the same number of its most recent tokens (none if any call has
+        no text yet)."""
+        texts = [
+            tok.encode(" " + req.prompt.strip()) if req.prompt.strip() else []
+            for tok, req in zip(tokenizers, batch, strict=True)
+        ]
+        keep = min(MAX_PROMPT_TOKENS, *(len(t) for t in texts))
+        return [
+            [
+                *([tok.sot_prev, *text[len(text) - keep :]] if keep else []),
+                *tok.sot_sequence,
+                tok.no_timestamps,
+            ]
+            for tok, text in zip(tokenizers, texts, strict=True)
+        ]
+
+    def run_batch(self, batch: list[AsrRequest]) -> list[AsrResult]:
+        import ctranslate2
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        features, frames = self._features(batch)
+        encoded = self.model.model.encode(
+            ctranslate2.StorageView.from_array(features), to_cpu=False
+        )
+        languages = self._languages(batch, encoded)
+        tokenizers = [self.tokenizer(lang) for lang in languages]
+        final = batch[0].final
+        results = self.model.model.generate(
+            encoded,
+            self._prompts(tokenizers, batch),
+            beam_size=self.settings.final_beam_size if final else 1,
+            max_length=224,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizers[0], (-1,)),
+        )
+        out: list[AsrResult] = []
+        token_lists: list[list[int]] = []
+        for tok, lang, result in zip(tokenizers, languages, results, strict=True):
+            tokens = [t for t in result.sequences_ids[0] if t < tok.eot]
+            text = tok.decode(tokens).strip()
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            ratio = compression_ratio(text)
+            # Whisper's rule, plus: a window the model is all but sure is silence stays empty
+            # even when its guess is fluent (the classic "you" or "Thank you." on silence).
+            silent = result.no_speech_prob > self.settings.no_speech_threshold and (
+                avg_logprob < self.settings.log_prob_threshold or result.no_speech_prob > 0.95
+            )
+            if silent or ratio > self.settings.compression_ratio_threshold:
+                text, tokens = "", []
+            out.append(AsrResult(text, lang, avg_logprob, result.no_speech_prob, ratio))
+            token_lists.append(tokens)
+        if final:
+            self._add_words(tokenizers[0], token_lists, encoded, frames, out)
+        return out
+
+    def _add_words(
+        self,
+        tokenizer: Any,
+        token_lists: list[list[int]],
+        encoded: Any,
+        frames: list[int],
+        out: list[AsrResult],
+    ) -> None:
+        if not any(token_lists):
+            return
+        alignments = self.model.find_alignment(tokenizer, token_lists, encoded, frames)
+        for result, aligned in zip(out, alignments, strict=True):
+            words: list[Word] = []
+            for w in aligned:
+                text = w["word"].strip()
+                if words and (not text or all(not ch.isalnum() for ch in text)):
+                    last = words[-1]  # punctuation belongs to the word before it
+                    words[-1] = Word(last.word + text, last.start, last.end, last.probability)
+                elif text:
+                    words.append(
+                        Word(
+                            text,
+                            round(float(w["start"]), 2),
+                            round(float(w["end"]), 2),
+                            round(float(w["probability"]), 3),
+                        )
+                    )
+            result.words = words

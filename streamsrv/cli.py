@@ -1,0 +1,119 @@
+"""Command line: serve, migrate, check-config, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import structlog
+
+from streamsrv.config import ConfigError, Settings, known_variables, read_env_file
+
+log = structlog.get_logger(__name__)
+
+
+def _settings(env_file: Path | None) -> Settings:
+    from streamsrv import logs
+
+    settings = Settings.load(env_file)
+    logs.configure(settings)
+    return settings
+
+
+def _run(coro: object) -> None:
+    import uvloop
+
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamsrv.asr.models import ModelNotFound
+    from streamsrv.server import Server
+
+    settings = _settings(args.env_file)
+    try:
+        _run(Server(settings).run())
+    except ModelNotFound as exc:
+        log.error("model_not_found", error=str(exc))
+        return 2
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from streamsrv.jobs import run_migrations
+
+    settings = _settings(args.env_file)
+    _run(run_migrations(settings.database_url))
+    print("schema is up to date")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate an env file on its own (not merged with this shell's environment)."""
+    path: Path = args.file
+    try:
+        values = read_env_file(path)
+        unknown = sorted(set(values) - known_variables())
+        Settings.from_mapping(values)
+    except FileNotFoundError:
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    for name in unknown:
+        print(f"{path}: {name}: unknown variable (ignored)", file=sys.stderr)
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamsrv.demo import run_demo
+
+    settings = Settings.load(args.env_file)
+    return asyncio.run(run_demo(settings, args.prompts, args.speed, args.seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamsrv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_env(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--env-file", type=Path, help="systemd-style KEY=value file")
+
+    p = sub.add_parser("serve", help="run the server in the foreground")
+    with_env(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("migrate", help="create or upgrade the Postgres schema")
+    with_env(p)
+    p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("check-config", help="validate an env file and say what is wrong")
+    p.add_argument("file", type=Path, nargs="?", default=Path("configs/streamsrv.env"))
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser(
+        "demo", help="play a recorded call into a running server, print its transcript"
+    )
+    with_env(p)
+    p.add_argument("--prompts", type=int, default=6, help="recorded prompts in the call")
+    p.add_argument("--speed", type=float, default=1.0, help="1 = real time")
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"configuration: {problem}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""One typed Settings object, read from the environment and env files, validated once.
+
+Every variable has a default that works on one machine; configs/streamsrv.env lists them all
+with their meaning. The names follow the performance guide where they apply. Settings is
+immutable and passed down explicitly: nothing below the CLI reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROCESSING_MODES = ("realtime_only", "postcall_only", "hybrid")
+DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_TYPES = (
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+AUDIO_0X10_FORMATS = ("slin", "ulaw", "slin16")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    for item in items:
+        ipaddress.ip_network(item, strict=False)
+    return items
+
+
+def _optional_str(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _var(env: str, default: Any, parse: Callable[[str], Any] = str, doc: str = "") -> Any:
+    return field(default=default, metadata={"env": env, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of streamsrv's configuration. Field metadata names the environment variable."""
+
+    audiosocket_host: str = _var("AUDIOSOCKET_HOST", "127.0.0.1")
+    audiosocket_port: int = _var("AUDIOSOCKET_PORT", 9092, int)
+    audiosocket_0x10_format: str = _var(
+        "AUDIOSOCKET_0X10_FORMAT", "slin", _choice(AUDIO_0X10_FORMATS)
+    )
+    http_host: str = _var("HTTP_HOST", "127.0.0.1")
+    http_port: int = _var("HTTP_PORT", 8125, int)
+    redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis_channel_prefix: str = _var("REDIS_CHANNEL_PREFIX", "streamsrv:")
+    redis_backlog: int = _var("REDIS_BACKLOG", 10000, int)
+    database_url: str = _var("DATABASE_URL", "postgresql://localhost/streamsrv")
+    recordings_dir: Path = _var("RECORDINGS_DIR", Path("recordings"), Path)
+    model_dir: Path = _var("MODEL_DIR", Path("models"), Path)
+    whisper_device: str = _var("WHISPER_DEVICE", "auto", _choice(DEVICES))
+    realtime_whisper_model: str | None = _var("REALTIME_WHISPER_MODEL", None, _optional_str)
+    realtime_whisper_compute_type: str = _var(
+        "REALTIME_WHISPER_COMPUTE_TYPE", "int8", _choice(COMPUTE_TYPES)
+    )
+    postcall_whisper_model: str | None = _var("POSTCALL_WHISPER_MODEL", None, _optional_str)
+    postcall_whisper_compute_type: str | None = _var(
+        "POSTCALL_WHISPER_COMPUTE_TYPE", None, _optional_str
+    )
+    cpu_threads: int = _var("CPU_THREADS", 0, int)
+    batch_size: int = _var("BATCH_SIZE", 4, int)
+    adaptive_batching: bool = _var("ADAPTIVE_BATCHING", True, _bool)
+    min_batch_size: int = _var("MIN_BATCH_SIZE", 1, int)
+    max_batch_size: int = _var("MAX_BATCH_SIZE", 8, int)
+    max_concurrent_gpu_requests: int = _var("MAX_CONCURRENT_GPU_REQUESTS", 2, int)
+    max_queue_size: int = _var("MAX_QUEUE_SIZE", 50, int)
+    streaming_buffer_size: int = _var("STREAMING_BUFFER_SIZE", 320, int)
+    streaming_chunk_size: int = _var("STREAMING_CHUNK_SIZE", 32000, int)
+    streaming_interval: float = _var("STREAMING_INTERVAL", 0.1, float)
+    partial_interval: float = _var("PARTIAL_INTERVAL", 0.6, float)
+    tcp_buffer_size: int = _var("TCP_BUFFER_SIZE", 65536, int)
+    tcp_socket_timeout: float = _var("TCP_SOCKET_TIMEOUT", 30.0, float)
+    default_processing_mode: str = _var(
+        "DEFAULT_PROCESSING_MODE", "hybrid", _choice(PROCESSING_MODES)
+    )
+    language: str = _var("LANGUAGE", "auto")
+    final_beam_size: int = _var("FINAL_BEAM_SIZE", 5, int)
+    condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
+    vad_threshold: float = _var("VAD_THRESHOLD", 0.5, float)
+    vad_min_silence_ms: int = _var("VAD_MIN_SILENCE_MS", 500, int)
+    vad_speech_pad_ms: int = _var("VAD_SPEECH_PAD_MS", 200, int)
+    vad_min_speech_ms: int = _var("VAD_MIN_SPEECH_MS", 200, int)
+    max_segment_seconds: float = _var("MAX_SEGMENT_SECONDS", 20.0, float)
+    min_window_seconds: float = _var("MIN_WINDOW_SECONDS", 10.0, float)
+    no_speech_threshold: float = _var("NO_SPEECH_THRESHOLD", 0.6, float)
+    log_prob_threshold: float = _var("LOG_PROB_THRESHOLD", -1.0, float)
+    compression_ratio_threshold: float = _var("COMPRESSION_RATIO_THRESHOLD", 2.4, float)
+    drain_timeout: float = _var("DRAIN_TIMEOUT", 30.0, float)
+    log_level: str = _var("LOG_LEVEL", "info")
+    log_format: str = _var("LOG_FORMAT", "auto", _choice(LOG_FORMATS))
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """Cross-field and range checks; each problem names its variable."""
+        found: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                found.append(message)
+
+        for name in ("audiosocket_port", "http_port"):
+            port = getattr(self, name)
+            need(0 <= port <= 65535, f"{env_name(name)}: {port} is not a TCP port")
+        need(self.batch_size >= 1, "BATCH_SIZE: must be at least 1")
+        need(self.min_batch_size >= 1, "MIN_BATCH_SIZE: must be at least 1")
+        need(
+            self.min_batch_size <= self.max_batch_size,
+            "MIN_BATCH_SIZE: must not exceed MAX_BATCH_SIZE",
+        )
+        need(self.max_concurrent_gpu_requests >= 1, "MAX_CONCURRENT_GPU_REQUESTS: at least 1")
+        need(self.max_queue_size >= 1, "MAX_QUEUE_SIZE: must be at least 1")
+        need(self.streaming_chunk_size >= 1600, "STREAMING_CHUNK_SIZE: at least 1600 (0.1 s)")
+        need(0.01 <= self.streaming_interval <= 5, "STREAMING_INTERVAL: between 0.01 and 5 s")
+        need(self.partial_interval > 0, "PARTIAL_INTERVAL: must be positive")
+        need(self.tcp_socket_timeout > 0, "TCP_SOCKET_TIMEOUT: must be positive")
+        need(self.tcp_buffer_size >= 1024, "TCP_BUFFER_SIZE: at least 1024")
+        need(1 <= self.final_beam_size <= 10, "FINAL_BEAM_SIZE: between 1 and 10")
+        need(0 < self.vad_threshold < 1, "VAD_THRESHOLD: between 0 and 1")
+        need(self.vad_min_silence_ms >= 100, "VAD_MIN_SILENCE_MS: at least 100")
+        need(
+            2 <= self.max_segment_seconds <= 28,
+            "MAX_SEGMENT_SECONDS: between 2 and 28 (a Whisper window is 30 s)",
+        )
+        need(
+            1 <= self.min_window_seconds <= 30,
+            "MIN_WINDOW_SECONDS: between 1 and 30",
+        )
+        need(self.drain_timeout >= 0, "DRAIN_TIMEOUT: must not be negative")
+        need(self.redis_backlog >= 1, "REDIS_BACKLOG: at least 1")
+        need(self.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)")
+        need(
+            self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "REDIS_URL: must start with redis://, rediss:// or unix://",
+        )
+        need(
+            self.database_url.startswith(("postgresql://", "postgres://")),
+            "DATABASE_URL: must start with postgresql://",
+        )
+        need(
+            self.language == "auto" or (2 <= len(self.language) <= 3 and self.language.isalpha()),
+            f"LANGUAGE: {self.language!r} is not a Whisper language code or auto",
+        )
+        return found
+
+    @property
+    def device(self) -> str:
+        """The device to run on: WHISPER_DEVICE, with auto resolved by what CTranslate2 sees."""
+        if self.whisper_device != "auto":
+            return self.whisper_device
+        import ctranslate2
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+
+    def realtime_model_name(self, device: str) -> str:
+        if self.realtime_whisper_model:
+            return self.realtime_whisper_model
+        return "base" if device == "cuda" else "tiny.en"
+
+    def postcall_model_name(self, device: str) -> str:
+        if self.postcall_whisper_model:
+            return self.postcall_whisper_model
+        return "large-v3" if device == "cuda" else "base"
+
+    def postcall_compute_type(self, device: str) -> str:
+        if self.postcall_whisper_compute_type:
+            return self.postcall_whisper_compute_type
+        return "float16" if device == "cuda" else "int8"
+
+    @property
+    def live_asr(self) -> bool:
+        return self.default_processing_mode != "postcall_only"
+
+    @property
+    def postcall_jobs(self) -> bool:
+        return self.default_processing_mode != "realtime_only"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, str]) -> Settings:
+        """Build Settings from variables; unknown names are ignored, bad values all reported."""
+        kwargs: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in dataclasses.fields(cls):
+            env = f.metadata["env"]
+            if env not in values:
+                continue
+            try:
+                kwargs[f.name] = f.metadata["parse"](values[env])
+            except ValueError as exc:
+                problems.append(f"{env}: {exc}")
+        if problems:
+            raise ConfigError(problems)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(
+        cls, env_file: Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from an env file, overridden by the process environment."""
+        values: dict[str, str] = {}
+        if env_file is not None:
+            values.update(read_env_file(env_file))
+        values.update(os.environ if environ is None else environ)
+        return cls.from_mapping(values)
+
+
+def env_name(field_name: str) -> str:
+    for f in dataclasses.fields(Settings):
+        if f.name == field_name:
+            return str(f.metadata["env"])
+    raise KeyError(field_name)
+
+
+def known_variables() -> set[str]:
+    return {str(f.metadata["env"]) for f in dataclasses.fields(Settings)}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a systemd-style EnvironmentFile: KEY=value lines, # comments, optional quotes."""
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            problems.append(f"{path}:{number}: not a KEY=value line: {raw!r}")
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    if problems:
+        raise ConfigError(problems)
+    return values

@@ -1,0 +1,367 @@
+"""The server: AudioSocket connections in, one Call each, a scheduler tick, a graceful stop.
+
+Connections are asyncio Protocols: each read is fed to the sans-IO decoder and its events to
+the Call, synchronously and cheaply, with no task per frame. A scheduler ticks every
+STREAMING_INTERVAL: it runs VAD over every call's new audio in one pass on a worker thread,
+hands the probabilities back to the calls (which then ask the model for partials and finals),
+and closes connections that were silent for TCP_SOCKET_TIMEOUT. The loop never waits on the
+model, the disk or the network.
+
+Lifecycle (uvicorn's shape): start() brings up Redis, Postgres, recordings, the model and the
+listeners; run() serves until stop() is asked (SIGTERM, SIGINT); then listeners close, open
+calls get DRAIN_TIMEOUT to end by themselves, the rest are ended as interrupted, and every
+final, recording and job is flushed before exit. A second signal ends the drain at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import numpy as np
+import structlog
+
+from streamsrv import audiosocket as aso
+from streamsrv.asr.executor import BatchExecutor
+from streamsrv.asr.models import resolve_model
+from streamsrv.asr.vad import SileroVad, VadState
+from streamsrv.asr.whisper import AsrRequest, AsrResult, WhisperRunner
+from streamsrv.audio import FloatArray
+from streamsrv.call import Call, CallServices
+from streamsrv.config import Settings
+from streamsrv.http import HttpApi
+from streamsrv.jobs import JobStore
+from streamsrv.metrics import Metrics
+from streamsrv.publish import Publisher
+from streamsrv.recordings import RecordingWriter
+
+log = structlog.get_logger(__name__)
+
+
+class Connection(asyncio.Protocol):
+    """One AudioSocket TCP connection, and the Call once its id arrives."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.decoder = aso.Decoder()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.call: Call | None = None
+        self.last_data = time.monotonic()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
+        self._feed(data)
+
+    def eof_received(self) -> bool:
+        self._feed(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if not self.closed:
+            # a reset is how Asterisk sometimes hangs up: a normal end
+            self._end("hangup" if exc is None or isinstance(exc, ConnectionError) else "lost")
+
+    def _feed(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.decoder.receive_data(data)
+            for event in self.decoder.events():
+                self._on_event(event)
+                if self.closed:
+                    return
+        except aso.ProtocolError as exc:
+            self.server.metrics.protocol_errors.inc()
+            log.warning(
+                "protocol_error", peer=self.peer, call_id=self.decoder.call_id, error=str(exc)
+            )
+            self._end("protocol_error")
+
+    def _on_event(self, event: aso.Event) -> None:
+        metrics = self.server.metrics
+        if isinstance(event, aso.Audio):
+            metrics.frames_received.inc()
+            metrics.bytes_received.inc(len(event.payload))
+            if self.call is not None:
+                self.call.on_audio(event)
+        elif isinstance(event, aso.CallId):
+            self.call = self.server.open_call(event.call_id, self.peer)
+        elif isinstance(event, aso.Dtmf):
+            if self.call is not None:
+                self.call.on_dtmf(event)
+        elif isinstance(event, aso.Hangup):
+            self._end("hangup")
+        elif isinstance(event, aso.Error):
+            self._end("asterisk_error")
+        elif isinstance(event, aso.ConnectionClosed):
+            self._end("hangup")
+
+    def _end(self, reason: str) -> None:
+        """End the connection and, if a call was open, finish it in the background."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self.call is not None:
+            self.server.finish_call(self.call, reason)
+        elif reason != "hangup":
+            log.info("connection_closed", peer=self.peer, reason=reason)
+
+    def end(self, reason: str) -> None:
+        self._end(reason)
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.publisher = Publisher(settings)
+        self.jobs = JobStore(settings)
+        self.recorder = RecordingWriter(settings.recordings_dir)
+        self.connections: set[Connection] = set()
+        self.calls: dict[str, Call] = {}
+        self.finishing: set[asyncio.Task[None]] = set()
+        self.executor: BatchExecutor[AsrRequest, AsrResult] | None = None
+        self.model_status = "not loaded" if settings.live_asr else "disabled"
+        self.model_name = ""
+        self.vad: SileroVad | None = None
+        self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
+        self._vad_busy = False
+        self._tcp: asyncio.Server | None = None
+        self._http = HttpApi(self)
+        self._tick_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self.services: CallServices | None = None
+        self.accepting = False
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.jobs.start()
+        await self.publisher.start()
+        self.recorder.start()
+        if s.live_asr:
+            await self._load_model()
+        self.services = CallServices(
+            s, self.publisher, self.jobs, self.recorder, self.metrics, self.executor, self.load
+        )
+        loop = asyncio.get_running_loop()
+        self._tcp = await loop.create_server(
+            lambda: Connection(self),
+            s.audiosocket_host,
+            s.audiosocket_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        for sock in self._tcp.sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s.tcp_buffer_size)
+        await self._http.start()
+        self._tick_task = loop.create_task(self._tick_loop())
+        self.accepting = True
+        log.info(
+            "listening",
+            audiosocket=f"{s.audiosocket_host}:{self.audiosocket_port}",
+            http=f"{s.http_host}:{self.http_port}",
+            model=self.model_name or None,
+            mode=s.default_processing_mode,
+        )
+
+    async def _load_model(self) -> None:
+        s = self.settings
+        device = s.device
+        name = s.realtime_model_name(device)
+        self.model_status = "loading"
+        path = await asyncio.to_thread(resolve_model, name, s.model_dir)
+        runner = await asyncio.to_thread(
+            WhisperRunner, path, device, s.realtime_whisper_compute_type, s
+        )
+        self.vad = await asyncio.to_thread(SileroVad)
+        self.executor = BatchExecutor(
+            runner.run_batch,
+            batch_size=s.batch_size,
+            adaptive=s.adaptive_batching,
+            min_batch_size=s.min_batch_size,
+            max_batch_size=s.max_batch_size,
+            max_queue_size=s.max_queue_size,
+            workers=s.max_concurrent_gpu_requests if device == "cuda" else 1,
+            observer=self.metrics.observe_batch,
+        )
+        self.executor.start()
+        self.model_name = f"{name} ({device}, {s.realtime_whisper_compute_type})"
+        self.model_status = "ok"
+        log.info(
+            "model_loaded",
+            model=name,
+            path=path,
+            device=device,
+            compute_type=s.realtime_whisper_compute_type,
+        )
+
+    @property
+    def audiosocket_port(self) -> int:
+        assert self._tcp is not None
+        return int(self._tcp.sockets[0].getsockname()[1])
+
+    @property
+    def http_port(self) -> int:
+        return self._http.port
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def open_call(self, call_id: str, peer: str) -> Call:
+        assert self.services is not None
+        call = Call(self.services, call_id, peer)
+        self.calls[call_id] = call
+        self.metrics.calls_total.inc()
+        self.metrics.calls_active.inc()
+        return call
+
+    def finish_call(self, call: Call, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(call, reason))
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+
+    async def _finish(self, call: Call, reason: str) -> None:
+        try:
+            await call.finish(reason, self._vad_call)
+        except Exception:
+            log.exception("call_finish_failed", call_id=call.call_id)
+        finally:
+            self.calls.pop(call.call_id, None)
+            self.metrics.calls_active.dec()
+            self.metrics.calls_ended.labels(reason).inc()
+
+    def load(self) -> float:
+        """How saturated the model is: 0 with nothing queued, 1 at MAX_QUEUE_SIZE."""
+        if self.executor is None:
+            return 0.0
+        return min(1.0, self.executor.queued / self.settings.max_queue_size)
+
+    async def _vad_call(self, state: VadState, audio: FloatArray) -> Any:
+        assert self.vad is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._vad_pool, self.vad.run, state, audio)
+
+    # -- scheduler -----------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        interval = self.settings.streaming_interval
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            now = time.monotonic()
+            self.metrics.loop_lag_seconds.observe(max(0.0, now - next_at))
+            if now - next_at > interval:
+                next_at = now  # fell behind: do not tick in a burst to catch up
+            try:
+                self._tick(now)
+            except Exception:
+                log.exception("tick_failed")
+
+    def _tick(self, now: float) -> None:
+        if self.executor is not None:
+            self.metrics.queue_length.set(self.executor.queued)
+        timeout = self.settings.tcp_socket_timeout
+        for conn in list(self.connections):
+            if now - conn.last_data > timeout:
+                log.warning(
+                    "socket_timeout", peer=conn.peer, call_id=conn.decoder.call_id, seconds=timeout
+                )
+                conn.end("timeout")
+        if self.vad is None or self._vad_busy:
+            return
+        work = []
+        for call in self.calls.values():
+            if call.ended:
+                continue
+            taken = call.take_vad_audio()
+            if taken is not None:
+                work.append((call, *taken))
+        if work:
+            self._vad_busy = True
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._vad_pool, self._vad_pass, work)
+            future.add_done_callback(self._vad_done)
+
+    def _vad_pass(self, work: list[tuple[Call, VadState, FloatArray]]) -> list[tuple[Call, Any]]:
+        assert self.vad is not None
+        return [(call, self.vad.run(state, audio)) for call, state, audio in work]
+
+    def _vad_done(self, future: asyncio.Future[list[tuple[Call, Any]]]) -> None:
+        self._vad_busy = False
+        if future.exception() is not None:
+            log.error("vad_failed", error=repr(future.exception()))
+            return
+        for call, probs in future.result():
+            if not call.ended:
+                call.on_vad(np.asarray(probs).tolist())
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Signal handler: the first asks for a graceful drain, the second forces the end."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self.start()
+        await self._stop.wait()
+        await self.drain()
+        await self.close()
+
+    async def drain(self) -> None:
+        log.info("draining", calls=len(self.calls), timeout=self.settings.drain_timeout)
+        self.accepting = False
+        if self._tcp is not None:
+            self._tcp.close()
+        deadline = self.settings.drain_timeout
+
+        async def calls_gone() -> None:
+            while self.connections or self.calls:
+                await asyncio.sleep(0.05)
+
+        force = asyncio.ensure_future(self._force.wait())
+        gone = asyncio.ensure_future(calls_gone())
+        await asyncio.wait([gone, force], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        gone.cancel()
+        for conn in list(self.connections):
+            conn.end("shutdown")
+        while self.finishing:
+            await asyncio.gather(*self.finishing, return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        await self._http.close()
+        if self.executor is not None:
+            await self.executor.close()
+        self._vad_pool.shutdown(wait=True)
+        await self.recorder.close()
+        await self.publisher.close(timeout=5.0)
+        await self.jobs.close()
+        log.info("stopped")
