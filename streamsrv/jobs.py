@@ -1,0 +1,204 @@
+"""Postgres schema and the writes streamsrv makes: call rows and post-call jobs.
+
+Migrations are numbered SQL steps recorded in schema_version and applied in one transaction under
+an advisory lock, so any number of processes may run them at once and re-running is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from streamsrv.config import Settings
+
+log = structlog.get_logger(__name__)
+
+# Arbitrary fixed key ("streamsr" in ASCII) that serialises schema migrations across processes.
+MIGRATION_LOCK_KEY = 0x73747265616D7372
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        create table calls (
+            call_id uuid primary key,
+            created_at timestamptz not null,
+            ended_at timestamptz,
+            duration_s double precision,
+            peer text,
+            sample_rate int,
+            dtmf text not null default '',
+            live_transcript text not null default '',
+            language text,
+            status text not null check (status in ('active', 'ended', 'interrupted')),
+            processing_mode text
+        );
+        create index calls_created_at_idx on calls (created_at);
+        create table postcall_jobs (
+            id bigserial primary key,
+            call_id uuid unique not null references calls (call_id),
+            status text not null default 'queued'
+                check (status in ('queued', 'running', 'done', 'failed')),
+            priority int not null default 0,
+            attempts int not null default 0,
+            created_at timestamptz not null default now(),
+            updated_at timestamptz not null default now(),
+            audio_path text not null,
+            error text
+        );
+        create index postcall_jobs_claim_idx
+            on postcall_jobs (status, priority desc, created_at);
+        """,
+    ),
+)
+
+
+async def migrate(conn: asyncpg.Connection) -> None:
+    """Bring the schema to the latest version; safe to run repeatedly and concurrently."""
+    async with conn.transaction():
+        await conn.execute("select pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(
+            "create table if not exists schema_version ("
+            " version int primary key,"
+            " applied_at timestamptz not null default now())"
+        )
+        current = await conn.fetchval("select coalesce(max(version), 0) from schema_version")
+        for version, sql in MIGRATIONS:
+            if version <= current:
+                continue
+            await conn.execute(sql)
+            await conn.execute("insert into schema_version (version) values ($1)", version)
+            log.info("schema_migrated", version=version)
+
+
+async def run_migrations(database_url: str) -> None:
+    """`streamsrv migrate`: one connection, migrate, close."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+
+
+class JobStore:
+    """Call rows and post-call jobs in Postgres, through a small connection pool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        command_timeout: float = 10.0,
+        check_timeout: float = 1.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self._url = settings.database_url
+        self._command_timeout = command_timeout
+        self._check_timeout = check_timeout
+        self._close_timeout = close_timeout
+        self._pool: Any = None
+
+    async def start(self) -> None:
+        """Open the pool and migrate; raises if Postgres cannot be reached."""
+        pool = await asyncpg.create_pool(
+            self._url, min_size=1, max_size=4, command_timeout=self._command_timeout
+        )
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        """Close the pool; connections still busy after close_timeout are terminated."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self._close_timeout)
+        except TimeoutError:
+            log.warning("postgres_close_timeout", timeout=self._close_timeout)
+            pool.terminate()
+
+    async def call_started(
+        self,
+        call_id: str,
+        created_at: datetime,
+        peer: str,
+        sample_rate: int,
+        processing_mode: str,
+    ) -> None:
+        """Insert the call as active; a repeat for the same call changes nothing."""
+        await self._require().execute(
+            "insert into calls (call_id, created_at, peer, sample_rate, status, processing_mode)"
+            " values ($1, $2, $3, $4, 'active', $5) on conflict (call_id) do nothing",
+            call_id,
+            created_at,
+            peer,
+            sample_rate,
+            processing_mode,
+        )
+
+    async def call_ended(
+        self,
+        call_id: str,
+        ended_at: datetime,
+        duration_s: float,
+        dtmf: str,
+        live_transcript: str,
+        language: str | None,
+        status: str,
+    ) -> None:
+        """Record the end of a call; creates the row if call_started never reached Postgres."""
+        await self._require().execute(
+            "insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"
+            " live_transcript, language, status)"
+            " values ($1, $2::timestamptz - make_interval(secs => $3::float8),"
+            " $2, $3, $4, $5, $6, $7)"
+            " on conflict (call_id) do update set ended_at = excluded.ended_at,"
+            " duration_s = excluded.duration_s, dtmf = excluded.dtmf,"
+            " live_transcript = excluded.live_transcript, language = excluded.language,"
+            " status = excluded.status",
+            call_id,
+            ended_at,
+            duration_s,
+            dtmf,
+            live_transcript,
+            language,
+            status,
+        )
+
+    async def enqueue_job(self, call_id: str, audio_path: str, priority: int = 0) -> int:
+        """Queue the call's post-call job once; returns its id, the existing one on a repeat."""
+        pool = self._require()
+        job_id = await pool.fetchval(
+            "insert into postcall_jobs (call_id, audio_path, priority) values ($1, $2, $3)"
+            " on conflict (call_id) do nothing returning id",
+            call_id,
+            audio_path,
+            priority,
+        )
+        if job_id is None:
+            job_id = await pool.fetchval("select id from postcall_jobs where call_id = $1", call_id)
+        return int(job_id)
+
+    async def check(self) -> str:
+        """ "ok" or "down", cheaply, for /health."""
+        if self._pool is None:
+            return "down"
+        try:
+            await asyncio.wait_for(self._pool.fetchval("select 1"), self._check_timeout)
+        except Exception as exc:  # any failure means "down"; /health must not raise
+            log.debug("postgres_check_failed", error=repr(exc))
+            return "down"
+        return "ok"
+
+    def _require(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("JobStore.start() was not called")
+        return self._pool
