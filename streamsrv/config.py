@@ -89,6 +89,8 @@ class Settings:
     redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0")
     redis_channel_prefix: str = _var("REDIS_CHANNEL_PREFIX", "streamsrv:")
     redis_backlog: int = _var("REDIS_BACKLOG", 10000, int)
+    redis_stream_maxlen: int = _var("REDIS_STREAM_MAXLEN", 1000, int)
+    redis_stream_ttl: int = _var("REDIS_STREAM_TTL", 86400, int)
     database_url: str = _var("DATABASE_URL", "postgresql://localhost/streamsrv")
     recordings_dir: Path = _var("RECORDINGS_DIR", Path("recordings"), Path)
     model_dir: Path = _var("MODEL_DIR", Path("models"), Path)
@@ -125,7 +127,7 @@ class Settings:
     vad_speech_pad_ms: int = _var("VAD_SPEECH_PAD_MS", 200, int)
     vad_min_speech_ms: int = _var("VAD_MIN_SPEECH_MS", 200, int)
     max_segment_seconds: float = _var("MAX_SEGMENT_SECONDS", 20.0, float)
-    min_window_seconds: float = _var("MIN_WINDOW_SECONDS", 10.0, float)
+    min_window_seconds: float = _var("MIN_WINDOW_SECONDS", 15.0, float)
     no_speech_threshold: float = _var("NO_SPEECH_THRESHOLD", 0.6, float)
     log_prob_threshold: float = _var("LOG_PROB_THRESHOLD", -1.0, float)
     compression_ratio_threshold: float = _var("COMPRESSION_RATIO_THRESHOLD", 2.4, float)
@@ -175,6 +177,8 @@ class Settings:
         )
         need(self.drain_timeout >= 0, "DRAIN_TIMEOUT: must not be negative")
         need(self.redis_backlog >= 1, "REDIS_BACKLOG: at least 1")
+        need(self.redis_stream_maxlen >= 1, "REDIS_STREAM_MAXLEN: at least 1")
+        need(self.redis_stream_ttl >= 1, "REDIS_STREAM_TTL: at least 1 second")
         need(self.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)")
         need(
             self.redis_url.startswith(("redis://", "rediss://", "unix://")),

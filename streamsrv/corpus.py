@@ -50,10 +50,11 @@ def texts() -> dict[str, str]:
     if not TEXTS_FILE.exists() or not SOUNDS_DIR.is_dir():
         raise CorpusMissing(f"install the Debian packages {PACKAGES}")
     out: dict[str, str] = {}
-    for line in gzip.open(TEXTS_FILE, "rt", encoding="utf-8", errors="replace"):
-        name, sep, text = line.partition(":")
+    with gzip.open(TEXTS_FILE, "rt", encoding="utf-8", errors="replace") as lines:
+        entries = [line.partition(":") for line in lines if not line.startswith(";")]
+    for name, sep, text in entries:
         text = text.strip()
-        if not sep or line.startswith(";") or "/" in name or not text or text.startswith("["):
+        if not sep or "/" in name or not text or text.startswith("["):
             continue
         if (SOUNDS_DIR / f"{name.strip()}.wav").exists():
             out[name.strip()] = text

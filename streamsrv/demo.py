@@ -19,18 +19,17 @@ async def run_demo(settings: Settings, prompts: int, speed: float, seed: int) ->
         print(exc, file=sys.stderr)
         return 2
     call_id = str(uuid.uuid4())
-    host = (
-        "127.0.0.1" if settings.audiosocket_host in ("0.0.0.0", "::") else settings.audiosocket_host
-    )
-    print(
-        f"call {call_id}: {call.seconds:.1f} s of recorded prompts -> {host}:{settings.audiosocket_port}"
-    )
+    host = settings.audiosocket_host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    port = settings.audiosocket_port
+    print(f"call {call_id}: {call.seconds:.1f} s of recorded prompts -> {host}:{port}")
     view = LiveView()
     channel = f"{settings.redis_channel_prefix}call:{call_id}"
     async with CallWatcher(settings.redis_url, channel) as watcher:
         try:
             player = asyncio.create_task(
-                play_call(host, settings.audiosocket_port, call.pcm, call_id=call_id, speed=speed)
+                play_call(host, port, call.pcm, call_id=call_id, speed=speed)
             )
             async for message in watcher.messages(idle=60):
                 view.apply(message)
@@ -40,16 +39,14 @@ async def run_demo(settings: Settings, prompts: int, speed: float, seed: int) ->
                 elif kind == "final":
                     print(f"final [{message['segment']}] {message['text']}")
                 elif kind in ("call_started", "call_ended", "dtmf"):
-                    print(
-                        f"{kind}: { {k: v for k, v in message.items() if k not in ('type', 'call_id')} }"
-                    )
+                    details = {k: v for k, v in message.items() if k not in ("type", "call_id")}
+                    print(f"{kind}: {details}")
                 if kind == "call_ended":
                     break
             await player
         except OSError as exc:
             print(f"cannot reach streamsrv: {exc} (is `make run` running?)", file=sys.stderr)
             return 1
-    print(
-        f"\nreference: {call.reference}\ntranscript: {view.text}\nWER: {wer(call.reference, view.text):.1%}"
-    )
+    print(f"\nreference:  {call.reference}\ntranscript: {view.text}")
+    print(f"WER: {wer(call.reference, view.text):.1%}")
     return 0

@@ -71,6 +71,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server._changed.set()
         if not self.closed:
             # a reset is how Asterisk sometimes hangs up: a normal end
             self._end("hangup" if exc is None or isinstance(exc, ConnectionError) else "lost")
@@ -147,6 +148,7 @@ class Server:
         self._tick_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
+        self._changed = asyncio.Event()  # set when a connection closes or a call finishes
         self.services: CallServices | None = None
         self.accepting = False
 
@@ -245,6 +247,7 @@ class Server:
             log.exception("call_finish_failed", call_id=call.call_id)
         finally:
             self.calls.pop(call.call_id, None)
+            self._changed.set()
             self.metrics.calls_active.dec()
             self.metrics.calls_ended.labels(reason).inc()
 
@@ -340,7 +343,8 @@ class Server:
 
         async def calls_gone() -> None:
             while self.connections or self.calls:
-                await asyncio.sleep(0.05)
+                self._changed.clear()
+                await self._changed.wait()
 
         force = asyncio.ensure_future(self._force.wait())
         gone = asyncio.ensure_future(calls_gone())

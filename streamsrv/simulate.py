@@ -43,7 +43,7 @@ async def play_call(
 ) -> PlayedCall:
     """Send one call; returns what was sent. `dtmf` is (seconds into the audio, digit)."""
     played = PlayedCall(call_id or str(uuid.uuid4()))
-    reader, writer = await asyncio.open_connection(host, port)
+    _reader, writer = await asyncio.open_connection(host, port)
     writer.write(aso.encode(aso.CallId(played.call_id)))
     frame = rate * frame_ms // 1000 * 2
     keys = sorted(dtmf or [])
@@ -84,17 +84,23 @@ class CallWatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._client.aclose()
 
-    async def messages(self, idle: float = 300.0) -> AsyncIterator[dict[str, Any]]:
-        """Messages as they arrive, until `idle` seconds pass with none."""
+    async def channel_messages(
+        self, idle: float = 300.0
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(channel, message) as they arrive, until `idle` seconds pass with none."""
         deadline = time.monotonic() + idle
         while time.monotonic() < deadline:
             message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
             if message is not None:  # None: nothing yet, or a subscribe confirmation
                 deadline = time.monotonic() + idle
-                yield json.loads(message["data"])
+                yield message["channel"].decode(), json.loads(message["data"])
+
+    async def messages(self, idle: float = 300.0) -> AsyncIterator[dict[str, Any]]:
+        async for _, message in self.channel_messages(idle):
+            yield message
 
 
 class LiveView:

@@ -1,0 +1,1 @@
+"""streamsrv: live call transcription for Asterisk AudioSocket."""

@@ -1,0 +1,80 @@
+"""Helpers for end-to-end tests: a real Server on the test's loop, and a Redis collector."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from streamsrv.config import Settings
+from streamsrv.server import Server
+from streamsrv.simulate import CallWatcher
+
+
+def make_settings(env: dict[str, str], **overrides: str) -> Settings:
+    """Settings for one test: its own channel prefix, ports chosen by the kernel."""
+    values = {**env, "REDIS_CHANNEL_PREFIX": f"t{secrets.token_hex(4)}:", **overrides}
+    return Settings.from_mapping(values)
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[Server]:
+    server = Server(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.drain()
+        await server.close()
+
+
+class Collector:
+    """Every message of every call under a prefix, per call, in arrival order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = settings.redis_channel_prefix
+        self.watcher = CallWatcher(settings.redis_url, f"{self.prefix}call*")
+        self.by_call: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.lifecycle: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+
+    async def __aenter__(self) -> Collector:
+        await self.watcher.__aenter__()
+        self._task = asyncio.create_task(self._collect())
+        return self
+
+    async def _collect(self) -> None:
+        async for channel, message in self.watcher.channel_messages():
+            if channel == f"{self.prefix}calls":
+                self.lifecycle.append(message)
+            else:
+                self.by_call[message["call_id"]].append(message)
+            self._arrived.set()
+
+    async def wait_ended(self, call_ids: list[str], within: float = 120.0) -> None:
+        async def ended() -> None:
+            while not all(
+                self.by_call[c] and self.by_call[c][-1]["type"] == "call_ended" for c in call_ids
+            ):
+                self._arrived.clear()
+                await self._arrived.wait()
+
+        await asyncio.wait_for(ended(), within)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.watcher.__aexit__()
+
+
+def recording_path(settings: Settings, call_id: str) -> Path:
+    found = list(Path(settings.recordings_dir).rglob(f"{call_id}.wav"))
+    assert len(found) == 1, found
+    return found[0]
