@@ -393,15 +393,21 @@ class Call:
         path = await self._recording.finish()
         if self._recording.error:
             self.s.metrics.recording_errors.inc()
-        if self._row_written is not None:
-            await self._row_written
         job_id = None
-        if self.mode != "realtime_only":
-            job_id = await self.s.jobs.enqueue_job(self.call_id, str(path))
-            self.s.metrics.jobs_written.inc()
         ended_at = datetime.now(UTC)
         duration = (ended_at - self.created_at).total_seconds()
         transcript = " ".join(self.finals_text)
+        try:
+            if self._row_written is not None:
+                await self._row_written
+            if self.mode != "realtime_only":
+                job_id = await self.s.jobs.enqueue_job(self.call_id, str(path))
+                self.s.metrics.jobs_written.inc()
+            await self.s.jobs.call_ended(
+                self.call_id, ended_at, duration, self.dtmf, transcript, self.language, status
+            )
+        except Exception as exc:  # asyncpg raises many kinds; the call's end must still go out
+            self.log.error("postgres_write_failed", error=repr(exc))
         self._emit(
             "call_ended",
             {
@@ -414,9 +420,6 @@ class Call:
                 "processing_mode": self.mode,
             },
             lifecycle=True,
-        )
-        await self.s.jobs.call_ended(
-            self.call_id, ended_at, duration, self.dtmf, transcript, self.language, status
         )
         self.log.info(
             "call_ended",

@@ -1,0 +1,177 @@
+"""The server around the calls: HTTP /health and /metrics, processing modes, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import uuid
+import wave
+
+import aiohttp
+import asyncpg
+import pytest
+
+from streamsrv import corpus
+from streamsrv.simulate import play_call
+from tests.e2e import Collector, make_settings, recording_path, running_server
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+async def test_health_and_metrics(settings_env):
+    settings = make_settings(settings_env)
+    call = corpus.build_call(corpus.pick_prompts(2, 41), pause=0.8)
+    async with running_server(settings) as server, Collector(settings) as collected:
+        status, body = await get(server.http_port, "/health")
+        assert status == 200
+        health = json.loads(body)
+        assert health["status"] == "ok"
+        assert (health["model"], health["redis"], health["postgres"]) == ("ok", "ok", "ok")
+        assert health["calls_active"] == 0
+
+        call_id = str(uuid.uuid4())
+        played = await play_call(
+            "127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4
+        )
+        await collected.wait_ended([call_id])
+        while server.calls:  # call_ended is published just before the call is let go
+            await asyncio.sleep(0.01)
+        status, text = await get(server.http_port, "/metrics")
+    assert status == 200
+    assert metric(text, "streamsrv_calls_total") == 1
+    assert metric(text, "streamsrv_calls_active") == 0
+    assert metric(text, "streamsrv_frames_received_total") == played.frames_sent
+    assert metric(text, "streamsrv_bytes_received_total") == played.bytes_sent
+    finals = sum(1 for m in collected.by_call[call_id] if m["type"] == "final")
+    assert metric(text, "streamsrv_finals_total") == finals > 0
+    assert metric(text, "streamsrv_inference_batch_size_count") >= finals
+    assert metric(text, "streamsrv_postcall_jobs_total") == 1
+    assert "streamsrv_inference_batch_duration_seconds_bucket" in text
+    assert "streamsrv_inference_queue_length" in text
+    names = [ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE")]
+    assert names and all(n.startswith("streamsrv_") for n in names)
+
+
+@pytest.mark.parametrize("mode", ["postcall_only", "realtime_only"])
+async def test_processing_modes(settings_env, database_url, mode):
+    settings = make_settings(settings_env, DEFAULT_PROCESSING_MODE=mode)
+    call = corpus.build_call(corpus.pick_prompts(2, 42), pause=0.8)
+    call_id = str(uuid.uuid4())
+    async with running_server(settings) as server, Collector(settings) as collected:
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
+        await collected.wait_ended([call_id])
+    messages = collected.by_call[call_id]
+    kinds = {m["type"] for m in messages}
+    assert messages[0]["processing_mode"] == mode
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        assert w.readframes(w.getnframes()) == call.pcm
+    conn = await asyncpg.connect(database_url)
+    try:
+        jobs = await conn.fetchval(
+            "select count(*) from postcall_jobs where call_id = $1", uuid.UUID(call_id)
+        )
+    finally:
+        await conn.close()
+    if mode == "postcall_only":
+        assert kinds == {"call_started", "call_ended"}
+        assert jobs == 1 and messages[-1]["job_id"] is not None
+    else:
+        assert "final" in kinds
+        assert jobs == 0 and messages[-1]["job_id"] is None
+
+
+async def test_sigterm_drains_open_calls_then_exits_zero(settings_env, database_url, tmp_path):
+    """A real `streamsrv serve` process: SIGTERM while a call is open stops new connections,
+    lets the call finish, flushes its finals, recording and job, and exits 0."""
+    asp, hp = free_port(), free_port()
+    port_env = {"AUDIOSOCKET_PORT": str(asp), "HTTP_PORT": str(hp)}
+    settings = make_settings(settings_env, **port_env)
+    env = {
+        **os.environ,
+        **settings_env,
+        **port_env,
+        "REDIS_CHANNEL_PREFIX": settings.redis_channel_prefix,
+        "DRAIN_TIMEOUT": "60",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamsrv.cli",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(300):
+            try:
+                status, _ = await get(hp, "/health")
+                if status == 200:
+                    break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        call = corpus.build_call(corpus.pick_prompts(3, 43), pause=0.8)
+        call_id = str(uuid.uuid4())
+        async with Collector(settings) as collected:
+            playing = asyncio.create_task(
+                play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=2)
+            )
+            await asyncio.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            with pytest.raises(OSError):  # no longer accepting
+                await asyncio.open_connection("127.0.0.1", asp)
+            await playing
+            await collected.wait_ended([call_id])
+            code = await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0
+    messages = collected.by_call[call_id]
+    assert messages[-1]["reason"] == "hangup"
+    assert sum(1 for m in messages if m["type"] == "final") == 3
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        assert w.readframes(w.getnframes()) == call.pcm
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "select c.status, j.status as job from calls c join postcall_jobs j using (call_id) "
+            "where call_id = $1",
+            uuid.UUID(call_id),
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["status"], row["job"]) == ("ended", "queued")
+    assert proc.stderr is not None
+    log_lines = [json.loads(x) for x in (await proc.stderr.read()).decode().splitlines() if x]
+    events = [x["event"] for x in log_lines]
+    assert "draining" in events and events[-1] == "stopped"
+    assert [x["call_id"] for x in log_lines if x["event"] == "call_started"] == [call_id]
