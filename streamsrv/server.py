@@ -334,6 +334,12 @@ class Server:
         await self.drain()
         await self.close()
 
+    async def wait_idle(self) -> None:
+        """Until no connection is open and every call has finished."""
+        while self.connections or self.calls:
+            self._changed.clear()
+            await self._changed.wait()
+
     async def drain(self) -> None:
         log.info("draining", calls=len(self.calls), timeout=self.settings.drain_timeout)
         self.accepting = False
@@ -341,13 +347,8 @@ class Server:
             self._tcp.close()
         deadline = self.settings.drain_timeout
 
-        async def calls_gone() -> None:
-            while self.connections or self.calls:
-                self._changed.clear()
-                await self._changed.wait()
-
         force = asyncio.ensure_future(self._force.wait())
-        gone = asyncio.ensure_future(calls_gone())
+        gone = asyncio.ensure_future(self.wait_idle())
         await asyncio.wait([gone, force], timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
         gone.cancel()

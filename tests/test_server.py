@@ -59,8 +59,7 @@ async def test_health_and_metrics(settings_env):
             "127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4
         )
         await collected.wait_ended([call_id])
-        while server.calls:  # call_ended is published just before the call is let go
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(server.wait_idle(), 10)  # call_ended goes out just before
         status, text = await get(server.http_port, "/metrics")
     assert status == 200
     assert metric(text, "streamsrv_calls_total") == 1
