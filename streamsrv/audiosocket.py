@@ -27,7 +27,7 @@ simulator and the tests.
 #   - _ReceiveBuffer: a bytearray plus a read offset. Reads advance the offset; the consumed
 #     prefix is dropped only when it is at least half the buffer (and not tiny), so every byte is
 #     moved at most a constant number of times overall (amortised O(1) per byte).
-#   - Decoder: a three-state machine (awaiting call id, in call, closed). The header is validated
+#   - Decoder: a state machine (awaiting call id, in call, closed, error). The header is validated
 #     as soon as its 3 bytes are in, before waiting for the payload, so garbage fails fast.
 #   - Events are frozen, slotted dataclasses; NEED_DATA is a single-member enum so that
 #     ``event is NEED_DATA`` narrows the type for mypy.

@@ -41,11 +41,11 @@ from streamsrv.audio import (
     ulaw_to_pcm16,
 )
 from streamsrv.config import Settings
-from streamsrv.jobs import JobStore
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
 from streamsrv.recordings import Recording, RecordingWriter
 from streamsrv.ringbuffer import RingBuffer
+from streamsrv.spool import CallStore
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class CallServices:
 
     settings: Settings
     publisher: Publisher
-    jobs: JobStore
+    store: CallStore
     recorder: RecordingWriter
     metrics: Metrics
     executor: BatchExecutor[AsrRequest, AsrResult] | None
@@ -197,9 +197,7 @@ class Call:
         elif self.mode != "postcall_only":
             self.mode = "postcall_only"
             self.log.warning("live_asr_unavailable", served_as="postcall_only")
-        self._row_written = asyncio.get_running_loop().create_task(
-            self.s.jobs.call_started(self.call_id, self.created_at, self.peer, rate, self.mode)
-        )
+        self._row_written = asyncio.get_running_loop().create_task(self._record_start(rate))
         self._emit(
             "call_started",
             {
@@ -211,6 +209,27 @@ class Call:
             lifecycle=True,
         )
         self.log.info("call_started", peer=self.peer, sample_rate=rate, mode=self.mode)
+
+    async def _record_start(self, rate: int) -> None:
+        """Journal the open call (so a crash cannot lose it), then write its row."""
+        assert self._recording is not None
+        info = {
+            "call_id": self.call_id,
+            "created_at": self.created_at.isoformat(),
+            "peer": self.peer,
+            "sample_rate": rate,
+            "processing_mode": self.mode,
+            "recording": str(self._recording.path),
+            "channel_prefix": self.settings.redis_channel_prefix,
+        }
+        await asyncio.to_thread(self.s.store.spool.journal_open, self.call_id, info)
+        await self.s.store.call_started(
+            call_id=self.call_id,
+            created_at=self.created_at,
+            peer=self.peer,
+            sample_rate=rate,
+            processing_mode=self.mode,
+        )
 
     # -- live transcription --------------------------------------------------------------------
 
@@ -401,13 +420,20 @@ class Call:
             if self._row_written is not None:
                 await self._row_written
             if self.mode != "realtime_only":
-                job_id = await self.s.jobs.enqueue_job(self.call_id, str(path))
+                job_id = await self.s.store.enqueue_job(call_id=self.call_id, audio_path=str(path))
                 self.s.metrics.jobs_written.inc()
-            await self.s.jobs.call_ended(
-                self.call_id, ended_at, duration, self.dtmf, transcript, self.language, status
+            await self.s.store.call_ended(
+                call_id=self.call_id,
+                ended_at=ended_at,
+                duration_s=duration,
+                dtmf=self.dtmf,
+                live_transcript=transcript,
+                language=self.language,
+                status=status,
             )
-        except Exception as exc:  # asyncpg raises many kinds; the call's end must still go out
-            self.log.error("postgres_write_failed", error=repr(exc))
+            await asyncio.to_thread(self.s.store.spool.journal_close, self.call_id)
+        except Exception:  # the call's end must still go out; the journal keeps it for recovery
+            self.log.exception("call_records_failed")
         self._emit(
             "call_ended",
             {

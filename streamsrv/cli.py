@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import sys
 from pathlib import Path
 
@@ -31,10 +33,12 @@ def _run(coro: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamsrv.asr.models import ModelNotFound
     from streamsrv.server import Server
+    from streamsrv.systemd import Notifier
 
     settings = _settings(args.env_file)
+    _raise_file_limit()
     try:
-        _run(Server(settings).run())
+        _run(Server(settings, Notifier.from_environ(os.environ)).run())
     except ModelNotFound as exc:
         log.error("model_not_found", error=str(exc))
         return 2
@@ -42,6 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("startup_failed", error=str(exc))
         return 1
     return 0
+
+
+def _raise_file_limit() -> None:
+    """Every call is a socket: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

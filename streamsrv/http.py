@@ -42,11 +42,14 @@ class HttpApi:
         """ok when every part works; degraded when Redis or Postgres is away but calls are
         still taken and recorded; 503 only when no call can be taken."""
         server = self.server
-        postgres = await server.jobs.check()
+        postgres = await server.store.jobs.check()
+        if postgres == "ok" and server.store.spooled:
+            postgres = "catching up"  # answering, the spool not yet replayed
         parts = {
             "model": server.model_status,
             "redis": server.publisher.status,
             "postgres": postgres,
+            "recordings": server.recordings_status,
         }
         healthy_model = server.model_status in ("ok", "disabled")
         status = (
@@ -59,6 +62,7 @@ class HttpApi:
             **parts,
             "model_name": server.model_name,
             "calls_active": len(server.calls),
+            "spooled_writes": server.store.spooled,
             "accepting": server.accepting,
         }
         return web.json_response(body, status=200 if server.accepting else 503)

@@ -187,6 +187,14 @@ class JobStore:
             job_id = await pool.fetchval("select id from postcall_jobs where call_id = $1", call_id)
         return int(job_id)
 
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    async def check_or_raise(self) -> None:
+        """A cheap round trip that raises when Postgres does not answer."""
+        await asyncio.wait_for(self._require().fetchval("select 1"), self._check_timeout)
+
     async def check(self) -> str:
         """ "ok" or "down", cheaply, for /health."""
         if self._pool is None:

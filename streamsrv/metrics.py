@@ -22,6 +22,12 @@ class Metrics:
         self.bytes_received = Counter(
             "streamsrv_bytes_received", "AudioSocket audio payload bytes received", registry=r
         )
+        self.connections_refused = Counter(
+            "streamsrv_connections_refused",
+            "Connections closed at once, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "streamsrv_protocol_errors", "Connections ended by a protocol violation", registry=r
         )

@@ -108,6 +108,8 @@ class RecordingWriter:
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._open_files: set[Recording] = set()  # owned by the thread
+        # The last disk error, until a recording opens again: for /health. Set by the thread.
+        self.last_error: str | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -186,6 +188,7 @@ class RecordingWriter:
             self._open_files.add(recording)
             file.write(wav_header(recording.sample_rate, 0))
             file.flush()
+            self.last_error = None
         except OSError as exc:
             self._fail(recording, exc)
 
@@ -219,6 +222,7 @@ class RecordingWriter:
         self._open_files.discard(recording)
 
     def _fail(self, recording: Recording, exc: OSError) -> None:
+        self.last_error = f"{recording.path}: {type(exc).__name__}: {exc}"
         if recording.error is None:
             recording.error = f"{type(exc).__name__}: {exc}"
             log.error(
@@ -232,6 +236,24 @@ class RecordingWriter:
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()
+
+
+def repair_wav(path: Path, sample_rate: int) -> int | None:
+    """Make a recording cut short by a crash a valid WAV of all its whole samples; returns its
+    data bytes, or None when there is no file."""
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = max(0, size - HEADER_BYTES)
+            data -= data % 2
+            f.truncate(HEADER_BYTES + data)
+            f.seek(0)
+            f.write(wav_header(sample_rate, data))
+            f.flush()
+            os.fsync(f.fileno())
+    except FileNotFoundError:
+        return None
+    return data
 
 
 def _fsync_directory(directory: Path) -> None:

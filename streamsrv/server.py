@@ -27,6 +27,7 @@ import numpy as np
 import structlog
 
 from streamsrv import audiosocket as aso
+from streamsrv.admission import PeerFilter, TokenBucket
 from streamsrv.asr.executor import BatchExecutor
 from streamsrv.asr.models import resolve_model
 from streamsrv.asr.vad import SileroVad, VadState
@@ -39,6 +40,9 @@ from streamsrv.jobs import JobStore
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
 from streamsrv.recordings import RecordingWriter
+from streamsrv.recovery import recover_open_calls
+from streamsrv.spool import CallStore, Spool
+from streamsrv.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -52,13 +56,19 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.call: Call | None = None
-        self.last_data = time.monotonic()
+        self.last_data = self.opened = time.monotonic()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        host = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.peer = f"{host}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        refusal = self.server.admit(host)
+        if refusal is not None:
+            self.closed = True
+            self.transport.abort()
+            return
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -100,6 +110,8 @@ class Connection(asyncio.Protocol):
             if self.call is not None:
                 self.call.on_audio(event)
         elif isinstance(event, aso.CallId):
+            if event.call_id in self.server.calls:
+                raise aso.ProtocolError(f"call id {event.call_id} is already connected")
             self.call = self.server.open_call(event.call_id, self.peer)
         elif isinstance(event, aso.Dtmf):
             if self.call is not None:
@@ -128,11 +140,11 @@ class Connection(asyncio.Protocol):
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.publisher = Publisher(settings)
-        self.jobs = JobStore(settings)
+        self.store = CallStore(JobStore(settings), Spool(settings.spool_dir))
         self.recorder = RecordingWriter(settings.recordings_dir)
         self.connections: set[Connection] = set()
         self.calls: dict[str, Call] = {}
@@ -151,18 +163,26 @@ class Server:
         self._changed = asyncio.Event()  # set when a connection closes or a call finishes
         self.services: CallServices | None = None
         self.accepting = False
+        self.notifier = notifier or Notifier(None)
+        self._peers = PeerFilter(settings.allowed_peers)
+        rate = settings.connection_rate_limit
+        self._bucket = TokenBucket(rate, burst=max(rate, 1.0))
+        self._refused: dict[str, int] = {}
+        self._last_sweep = 0.0
+        self._last_watchdog = 0.0
 
     # -- start ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
-        await self.jobs.start()
+        await self.store.start()
         await self.publisher.start()
         self.recorder.start()
+        await recover_open_calls(self.store, self.publisher, self.settings)
         if s.live_asr:
             await self._load_model()
         self.services = CallServices(
-            s, self.publisher, self.jobs, self.recorder, self.metrics, self.executor, self.load
+            s, self.publisher, self.store, self.recorder, self.metrics, self.executor, self.load
         )
         loop = asyncio.get_running_loop()
         self._tcp = await loop.create_server(
@@ -177,6 +197,7 @@ class Server:
         await self._http.start()
         self._tick_task = loop.create_task(self._tick_loop())
         self.accepting = True
+        self.notifier.ready(self._status_line())
         log.info(
             "listening",
             audiosocket=f"{s.audiosocket_host}:{self.audiosocket_port}",
@@ -217,6 +238,15 @@ class Server:
         )
 
     @property
+    def jobs(self) -> JobStore:
+        return self.store.jobs
+
+    @property
+    def recordings_status(self) -> str:
+        """ok, or the last recording error while no recording has succeeded since."""
+        return self.recorder.last_error or "ok"
+
+    @property
     def audiosocket_port(self) -> int:
         assert self._tcp is not None
         return int(self._tcp.sockets[0].getsockname()[1])
@@ -226,6 +256,25 @@ class Server:
         return self._http.port
 
     # -- calls ---------------------------------------------------------------------------------
+
+    def admit(self, host: str) -> str | None:
+        """None when a new connection may proceed, else why it is refused."""
+        reason = None
+        if not self.accepting:
+            reason = "not_accepting"
+        elif not self._peers.allows(host):
+            reason = "peer_not_allowed"
+        elif not self._bucket.take():
+            reason = "rate_limited"
+        elif len(self.connections) >= self.settings.max_calls:
+            reason = "max_calls"
+        if reason is not None:
+            self.metrics.connections_refused.labels(reason).inc()
+            if not self._refused:
+                # the first refusal is logged at once, the rest summed up once a second
+                log.warning("connection_refused", peer=host, reason=reason)
+            self._refused[reason] = self._refused.get(reason, 0) + 1
+        return reason
 
     def open_call(self, call_id: str, peer: str) -> Call:
         assert self.services is not None
@@ -282,13 +331,15 @@ class Server:
     def _tick(self, now: float) -> None:
         if self.executor is not None:
             self.metrics.queue_length.set(self.executor.queued)
-        timeout = self.settings.tcp_socket_timeout
-        for conn in list(self.connections):
-            if now - conn.last_data > timeout:
-                log.warning(
-                    "socket_timeout", peer=conn.peer, call_id=conn.decoder.call_id, seconds=timeout
-                )
-                conn.end("timeout")
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            self._sweep(now)
+        interval = self.notifier.watchdog_interval
+        if interval is not None and now - self._last_watchdog >= interval:
+            # sent from the loop itself: a stuck loop stops the pings and systemd restarts us
+            self._last_watchdog = now
+            self.notifier.watchdog()
+            self.notifier.status(self._status_line())
         if self.vad is None or self._vad_busy:
             return
         work = []
@@ -303,6 +354,28 @@ class Server:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._vad_pool, self._vad_pass, work)
             future.add_done_callback(self._vad_done)
+
+    def _sweep(self, now: float) -> None:
+        """Once a second: dead sockets, silent handshakes, overlong calls, refusal counts."""
+        s = self.settings
+        for conn in list(self.connections):
+            call_id = conn.decoder.call_id
+            if now - conn.last_data > s.tcp_socket_timeout:
+                log.warning("socket_timeout", peer=conn.peer, call_id=call_id)
+                conn.end("timeout")
+            elif conn.call is None and now - conn.opened > s.call_id_timeout:
+                log.warning("no_call_id", peer=conn.peer, seconds=s.call_id_timeout)
+                conn.end("no_call_id")
+            elif conn.call is not None and now - conn.opened > s.max_call_seconds:
+                log.warning("max_call_seconds", call_id=call_id, seconds=s.max_call_seconds)
+                conn.end("max_duration")
+        if self._refused:
+            log.warning("connections_refused", **self._refused)
+            self._refused = {}
+
+    def _status_line(self) -> str:
+        queued = self.executor.queued if self.executor is not None else 0
+        return f"{len(self.calls)} calls active, {queued} windows queued"
 
     def _vad_pass(self, work: list[tuple[Call, VadState, FloatArray]]) -> list[tuple[Call, Any]]:
         assert self.vad is not None
@@ -342,6 +415,7 @@ class Server:
 
     async def drain(self) -> None:
         log.info("draining", calls=len(self.calls), timeout=self.settings.drain_timeout)
+        self.notifier.stopping()
         self.accepting = False
         if self._tcp is not None:
             self._tcp.close()
@@ -368,5 +442,6 @@ class Server:
         self._vad_pool.shutdown(wait=True)
         await self.recorder.close()
         await self.publisher.close(timeout=5.0)
-        await self.jobs.close()
+        await self.store.close()
+        self.notifier.close()
         log.info("stopped")

@@ -171,6 +171,7 @@ def settings_env(
         "REDIS_URL": redis_url,
         "DATABASE_URL": database_url,
         "RECORDINGS_DIR": str(tmp_path / "recordings"),
+        "SPOOL_DIR": str(tmp_path / "spool"),
         "MODEL_DIR": str(model_dir),
         "AUDIOSOCKET_PORT": "0",
         "HTTP_PORT": "0",

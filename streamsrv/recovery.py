@@ -1,0 +1,114 @@
+"""Closing out calls that a crash left open.
+
+A call is in the spool's journal from its start until its row and job are written. When the
+server starts and finds journal entries, the process before it died mid-call: each such call is
+closed out as interrupted. Its recording is made a valid WAV of everything that reached the disk,
+its row and its post-call job are written (or spooled), and its call_ended message goes out with
+reason "interrupted", numbered after the last message its stream kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from streamsrv.config import Settings
+from streamsrv.publish import Publisher
+from streamsrv.recordings import repair_wav
+from streamsrv.spool import CallStore
+
+log = structlog.get_logger(__name__)
+
+
+async def _stream_state(settings: Settings, prefix: str, call_id: str) -> tuple[int, str]:
+    """(last seq, transcript of finals) from the call's Redis stream; (0, "") if unreadable."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    try:
+        entries = await client.xrange(f"{prefix}stream:{call_id}")
+    except Exception as exc:  # Redis away: the call is still closed out, without its history
+        log.warning("recovery_stream_unreadable", call_id=call_id, error=repr(exc))
+        return 0, ""
+    finally:
+        await client.aclose()
+    messages = [json.loads(fields[b"data"]) for _, fields in entries or [] if fields]
+    last_seq = max((int(m.get("seq", 0)) for m in messages), default=0)
+    text = " ".join(m["text"] for m in messages if m.get("type") == "final" and m.get("text"))
+    return last_seq, text
+
+
+async def recover_open_calls(store: CallStore, publisher: Publisher, settings: Settings) -> int:
+    entries = await asyncio.to_thread(store.spool.journal)
+    for info in entries:
+        await _recover(info, store, publisher, settings)
+    return len(entries)
+
+
+async def _recover(
+    info: dict[str, Any], store: CallStore, publisher: Publisher, settings: Settings
+) -> None:
+    call_id = info["call_id"]
+    path = Path(info["recording"])
+    rate = int(info["sample_rate"])
+    audio_bytes = await asyncio.to_thread(repair_wav, path, rate)
+    created_at = datetime.fromisoformat(info["created_at"])
+    ended_at = (
+        datetime.fromtimestamp(os.stat(path).st_mtime, UTC)
+        if audio_bytes is not None
+        else datetime.now(UTC)
+    )
+    duration = max(0.0, (ended_at - created_at).total_seconds())
+    prefix = info.get("channel_prefix", settings.redis_channel_prefix)
+    last_seq, transcript = await _stream_state(settings, prefix, call_id)
+    await store.call_started(
+        call_id=call_id,
+        created_at=created_at,
+        peer=info["peer"],
+        sample_rate=rate,
+        processing_mode=info["processing_mode"],
+    )
+    job_id = None
+    if info["processing_mode"] != "realtime_only" and audio_bytes is not None:
+        job_id = await store.enqueue_job(call_id=call_id, audio_path=str(path))
+    await store.call_ended(
+        call_id=call_id,
+        ended_at=ended_at,
+        duration_s=duration,
+        dtmf="",
+        live_transcript=transcript,
+        language=None,
+        status="interrupted",
+    )
+    audio_seconds = (audio_bytes or 0) / 2 / rate
+    publisher.publish(
+        call_id,
+        {
+            "type": "call_ended",
+            "call_id": call_id,
+            "seq": last_seq + 1,
+            "emitted_at": time.time(),
+            "ended_at": ended_at.timestamp(),
+            "duration": round(duration, 3),
+            "audio_seconds": round(audio_seconds, 3),
+            "reason": "interrupted",
+            "segments": None,
+            "job_id": job_id,
+            "processing_mode": info["processing_mode"],
+        },
+        lifecycle=True,
+    )
+    await asyncio.to_thread(store.spool.journal_close, call_id)
+    log.warning(
+        "call_recovered",
+        call_id=call_id,
+        audio_seconds=round(audio_seconds, 3),
+        job_id=job_id,
+        recording=str(path) if audio_bytes is not None else None,
+    )

@@ -1,0 +1,205 @@
+"""Durable call records: Postgres when it answers, an fsync'd local spool when it does not.
+
+Every write a call makes to Postgres (its row at start, its job, its row at end) goes through
+CallStore. While Postgres answers and nothing is spooled, writes go straight to it. When a write
+fails, it and every later write are appended to SPOOL_DIR/pending as one fsync'd JSON file each,
+and a replayer applies them in order once Postgres is back, deleting each file after it is
+applied. Every write is idempotent (insert-or-nothing, upsert), so a crash between applying and
+deleting replays it harmlessly: each row and job lands exactly once.
+
+The journal (SPOOL_DIR/open) holds one file per call in progress. A call that is still in the
+journal when the server starts again was open when the previous process died: the server closes
+it out as interrupted (recover_open_calls). All file I/O runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from streamsrv.jobs import JobStore
+
+log = structlog.get_logger(__name__)
+
+Op = dict[str, Any]
+
+
+def _write_durably(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in kwargs.items()}
+
+
+def _decode(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: datetime.fromisoformat(v) if k.endswith("_at") and isinstance(v, str) else v
+        for k, v in kwargs.items()
+    }
+
+
+class Spool:
+    """The files: pending writes in order, and the journal of open calls."""
+
+    def __init__(self, directory: Path) -> None:
+        self.pending_dir = directory / "pending"
+        self.open_dir = directory / "open"
+        self._seq = itertools.count()
+
+    def prepare(self) -> None:
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        self.open_dir.mkdir(parents=True, exist_ok=True)
+
+    def append(self, op: Op) -> None:
+        name = f"{time.time_ns():020d}-{next(self._seq):06d}.json"
+        _write_durably(self.pending_dir / name, op)
+
+    def pending(self) -> list[Path]:
+        return sorted(self.pending_dir.glob("*.json"))
+
+    def journal_open(self, call_id: str, info: dict[str, Any]) -> None:
+        _write_durably(self.open_dir / f"{call_id}.json", info)
+
+    def journal_close(self, call_id: str) -> None:
+        (self.open_dir / f"{call_id}.json").unlink(missing_ok=True)
+
+    def journal(self) -> list[dict[str, Any]]:
+        entries = []
+        for path in sorted(self.open_dir.glob("*.json")):
+            try:
+                entries.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                log.error("journal_unreadable", path=str(path), error=repr(exc))
+        return entries
+
+
+class CallStore:
+    """Call rows and jobs that survive Postgres outages and restarts (see module docstring)."""
+
+    def __init__(self, jobs: JobStore, spool: Spool, retry_seconds: float = 1.0) -> None:
+        self.jobs = jobs
+        self.spool = spool
+        self._retry = retry_seconds
+        self._connected = False
+        self._spooled = 0  # files in the spool, as far as this process knows
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one writer at a time keeps the spool's order
+
+    @property
+    def spooled(self) -> int:
+        return self._spooled
+
+    @property
+    def status(self) -> str:
+        return "ok" if self._connected and not self._spooled else "down"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spool.prepare)
+        self._spooled = len(await asyncio.to_thread(self.spool.pending))
+        try:
+            await self.jobs.start()
+            self._connected = True
+        except Exception as exc:  # unreachable or refusing: keep calls, spool their records
+            log.error("postgres_unavailable", error=repr(exc), spooled=self._spooled)
+        self._task = asyncio.get_running_loop().create_task(self._replay_loop())
+        if self._spooled:
+            self._wake.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._spooled:
+            log.warning("spool_left", pending=self._spooled)
+        await self.jobs.close()
+
+    async def call_started(self, **kwargs: Any) -> None:
+        await self._write("call_started", kwargs)
+
+    async def call_ended(self, **kwargs: Any) -> None:
+        await self._write("call_ended", kwargs)
+
+    async def enqueue_job(self, **kwargs: Any) -> int | None:
+        """The job's id, or None when it was spooled (Postgres away): it is written later."""
+        result = await self._write("enqueue_job", kwargs)
+        return int(result) if result is not None else None
+
+    def _method(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method: Callable[..., Awaitable[Any]] = getattr(self.jobs, name)
+        return method
+
+    async def _write(self, name: str, kwargs: dict[str, Any]) -> Any:
+        async with self._lock:
+            if self._connected and not self._spooled:
+                try:
+                    return await self._method(name)(**kwargs)
+                except Exception as exc:  # asyncpg raises many kinds; all mean "spool it"
+                    self._connected = False
+                    log.error("postgres_write_failed", op=name, error=repr(exc))
+            await asyncio.to_thread(self.spool.append, {"op": name, "kwargs": _encode(kwargs)})
+            self._spooled += 1
+            self._wake.set()
+            return None
+
+    async def _replay_loop(self) -> None:
+        delay = self._retry
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            if not self._spooled and self._connected:
+                delay = self._retry
+                continue
+            delay = self._retry if await self._replay() else min(delay * 2, 30.0)
+
+    async def _replay(self) -> bool:
+        """Apply the spool in order; True when it is empty and Postgres answers."""
+        async with self._lock:
+            if not self._connected:
+                try:
+                    if self.jobs.started:
+                        await self.jobs.check_or_raise()
+                    else:
+                        await self.jobs.start()
+                    self._connected = True
+                except Exception as exc:
+                    log.debug("postgres_still_down", error=repr(exc))
+                    return False
+            paths = await asyncio.to_thread(self.spool.pending)
+            for done, path in enumerate(paths):
+                op = json.loads(await asyncio.to_thread(path.read_text))
+                try:
+                    await self._method(op["op"])(**_decode(op["kwargs"]))
+                except Exception as exc:
+                    self._connected = False
+                    self._spooled = len(paths) - done
+                    log.warning("spool_replay_paused", error=repr(exc), left=self._spooled)
+                    return False
+                await asyncio.to_thread(path.unlink)
+            if paths:
+                log.info("spool_replayed", writes=len(paths))
+            self._spooled = 0
+            return True
