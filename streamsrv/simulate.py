@@ -8,6 +8,7 @@ the socket at the end, as Asterisk hangs up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -84,8 +85,9 @@ class CallWatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self._client.aclose()
+        with contextlib.suppress(redis.RedisError, OSError):  # Redis may be gone by now
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._client.aclose()
 
     async def channel_messages(
         self, idle: float = 300.0

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from streamsrv.config import Settings
 from streamsrv.server import Server
 from streamsrv.simulate import CallWatcher
@@ -49,6 +51,10 @@ class Collector:
         return self
 
     async def _collect(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):  # Redis stopped by the test
+            await self._collect_until_error()
+
+    async def _collect_until_error(self) -> None:
         async for channel, message in self.watcher.channel_messages():
             if channel == f"{self.prefix}calls":
                 self.lifecycle.append(message)

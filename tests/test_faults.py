@@ -1,0 +1,368 @@
+"""Faults that happen in production, each caused for real: Redis and Postgres stopped and started
+again mid-call, streamsrv killed with SIGKILL and restarted, an unwritable recordings directory,
+a drain that runs out of time. No call and no audio may be lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+import wave
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from streamsrv import corpus
+from streamsrv.simulate import play_call
+from tests.conftest import SERVICES_SH, read_env_file
+from tests.e2e import Collector, make_settings, recording_path, running_server
+from tests.test_e2e import check_order
+from tests.test_server import free_port, get
+
+pytestmark = pytest.mark.e2e
+
+
+class PrivateRedis:
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+
+    async def wait_up(self) -> None:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            for _ in range(100):
+                try:
+                    await client.ping()
+                    return
+                except OSError:
+                    await asyncio.sleep(0.05)
+                except aioredis.ConnectionError:
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+        raise AssertionError("private redis did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+class PrivatePostgres:
+    """A cluster of our own (scripts/services.sh), so the test can stop and start it."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/streamsrv",
+        }
+
+    def up(self) -> str:
+        subprocess.run(
+            [str(SERVICES_SH), "up", str(self.state)],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        return read_env_file(self.state / "services.env")["DATABASE_URL"]
+
+    def _pg_ctl(self, *args: str) -> None:
+        home = (self.state / "pg").resolve()
+        pg_ctl = next(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        command = [str(pg_ctl), *args, "-D", str(home / "data"), "-w"]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self._pg_ctl("stop", "-m", "fast")
+
+    def start(self, port: int) -> None:
+        home = (self.state / "pg").resolve()
+        self._pg_ctl("start", "-o", f"-p {port}", "-l", str(home / "postgres.log"))
+
+    def purge(self) -> None:
+        subprocess.run(
+            [str(SERVICES_SH), "purge", str(self.state)],
+            env=self.env,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+async def test_redis_down_mid_call(settings_env, tmp_path):
+    """Calls go on while Redis is away; the finals made meanwhile arrive when it returns, in
+    order, once; stale partials are not replayed."""
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    await redis.wait_up()
+    settings = make_settings(settings_env, REDIS_URL=redis.url)
+    call = corpus.build_call(corpus.pick_prompts(6, 51), pause=1.0)
+    call_id = str(uuid.uuid4())
+    before: list[dict[str, Any]] = []
+    try:
+        async with running_server(settings) as server:
+            first = Collector(settings)
+            await first.__aenter__()
+            playing = asyncio.create_task(
+                play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=2)
+            )
+            await asyncio.sleep(3)
+            redis.kill()
+            before = list(first.by_call[call_id])
+            await asyncio.sleep(5)  # audio and finals go on while Redis is away
+            assert server.publisher.status == "down"
+            status, body = await get(server.http_port, "/health")
+            assert status == 200 and json.loads(body)["status"] == "degraded"
+            redis.start()
+            await redis.wait_up()
+            async with Collector(settings) as after:
+                await playing
+                await after.wait_ended([call_id], within=60)
+            await first.__aexit__()
+    finally:
+        redis.kill()
+    later = after.by_call[call_id]
+    messages = before + later
+    seqs = [m["seq"] for m in messages]
+    assert seqs == sorted(set(seqs)), "a message was published twice or out of order"
+    finals = [m["segment"] for m in messages if m["type"] == "final"]
+    assert finals == list(range(len(call.utterances)))  # none lost, none twice
+    # finals made while Redis was away came after it returned
+    assert any(m["type"] == "final" for m in later[:-1])
+    # a replayed partial would be one whose segment's final came before it, or one older than
+    # the newest partial already delivered for its segment
+    done: set[int] = set()
+    for m in later:
+        if m["type"] == "final":
+            done.add(m["segment"])
+        assert not (m["type"] == "partial" and m["segment"] in done)
+    assert later[-1]["type"] == "call_ended" and later[-1]["segments"] == len(finals)
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        assert w.readframes(w.getnframes()) == call.pcm
+
+
+async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path):
+    pg = PrivatePostgres(tmp_path / "pg-state")
+    try:
+        url = pg.up()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        settings = make_settings(settings_env, DATABASE_URL=url)
+        calls = [corpus.build_call(corpus.pick_prompts(2, s), pause=0.8) for s in (61, 62)]
+        ids = [str(uuid.uuid4()) for _ in calls]
+        async with running_server(settings) as server, Collector(settings) as collected:
+            pg.stop()
+            await asyncio.gather(
+                *(
+                    play_call("127.0.0.1", server.audiosocket_port, c.pcm, call_id=i, speed=4)
+                    for c, i in zip(calls, ids, strict=True)
+                )
+            )
+            await collected.wait_ended(ids)
+            status, body = await get(server.http_port, "/health")
+            health = json.loads(body)
+            assert status == 200 and health["status"] == "degraded"
+            assert health["postgres"] == "down" and health["spooled_writes"] == 6
+            assert len(list((settings.spool_dir / "pending").glob("*.json"))) == 6
+            for call_id in ids:
+                ended = collected.by_call[call_id][-1]
+                assert ended["type"] == "call_ended" and ended["job_id"] is None
+                assert any(m["type"] == "final" for m in collected.by_call[call_id])
+            pg.start(port)
+            for _ in range(400):
+                if server.store.spooled == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert server.store.spooled == 0
+            status, body = await get(server.http_port, "/health")
+            assert json.loads(body)["postgres"] == "ok"
+        assert not list((settings.spool_dir / "pending").glob("*.json"))
+        assert not list((settings.spool_dir / "open").glob("*.json"))
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(
+                "select c.call_id, c.status, c.live_transcript, j.status as job, j.audio_path "
+                "from calls c join postcall_jobs j using (call_id)"
+            )
+            jobs = await conn.fetchval("select count(*) from postcall_jobs")
+        finally:
+            await conn.close()
+        assert jobs == 2
+        by_id = {str(r["call_id"]): r for r in rows}
+        assert set(by_id) == set(ids)
+        for call_id in ids:
+            row = by_id[call_id]
+            assert (row["status"], row["job"]) == ("ended", "queued")
+            assert row["audio_path"] == str(recording_path(settings, call_id))
+            finals = [m["text"] for m in collected.by_call[call_id] if m["type"] == "final"]
+            assert row["live_transcript"] == " ".join(finals)
+    finally:
+        pg.purge()
+
+
+def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamsrv.cli", "serve"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def wait_healthy(port: int) -> None:
+    for _ in range(300):
+        try:
+            status, _ = await get(port, "/health")
+            if status == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, database_url):
+    asp, hp = free_port(), free_port()
+    env = {
+        **settings_env,
+        "AUDIOSOCKET_PORT": str(asp),
+        "HTTP_PORT": str(hp),
+        "DEFAULT_PROCESSING_MODE": "postcall_only",
+    }
+    settings = make_settings(env)
+    env["REDIS_CHANNEL_PREFIX"] = settings.redis_channel_prefix
+    call = corpus.build_call(corpus.pick_prompts(6, 71), pause=1.0)
+    call_id = str(uuid.uuid4())
+    proc = serve(env)
+    try:
+        await wait_healthy(hp)
+        playing = asyncio.create_task(
+            play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=1)
+        )
+        await asyncio.sleep(3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with pytest.raises(OSError):
+            await playing  # Asterisk sees the socket die
+        assert (settings.spool_dir / "open" / f"{call_id}.json").exists()
+        async with Collector(settings) as collected:
+            proc = serve(env)
+            await wait_healthy(hp)
+            await collected.wait_ended([call_id], within=20)
+    finally:
+        proc.terminate()
+        proc.wait()
+    ended = collected.by_call[call_id][-1]
+    assert ended["reason"] == "interrupted"
+    assert not (settings.spool_dir / "open" / f"{call_id}.json").exists()
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        recorded = w.readframes(w.getnframes())
+    assert len(recorded) > 8000 * 2 * 1.5  # some seconds of audio reached the disk
+    assert call.pcm.startswith(recorded)  # and it is exactly what was sent
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "select c.status, j.status as job, j.id from calls c join postcall_jobs j "
+            "using (call_id) where call_id = $1",
+            uuid.UUID(call_id),
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["status"], row["job"]) == ("interrupted", "queued")
+    assert ended["job_id"] == row["id"]
+
+
+async def test_unwritable_recordings_dir_keeps_live_transcription(settings_env, tmp_path):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the recordings directory should be")
+    settings = make_settings(settings_env, RECORDINGS_DIR=str(blocked))
+    call = corpus.build_call(corpus.pick_prompts(2, 81), pause=0.8)
+    call_id = str(uuid.uuid4())
+    async with running_server(settings) as server, Collector(settings) as collected:
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
+        await collected.wait_ended([call_id])
+        status, body = await get(server.http_port, "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "degraded"
+    assert "not-a-directory" in health["recordings"]
+    messages = collected.by_call[call_id]
+    check_order(messages, call_id)
+    assert sum(m["type"] == "final" for m in messages) == len(call.utterances)
+
+
+async def test_drain_timeout_ends_calls_as_interrupted_still_recorded(settings_env, database_url):
+    asp, hp = free_port(), free_port()
+    env = {
+        **settings_env,
+        "AUDIOSOCKET_PORT": str(asp),
+        "HTTP_PORT": str(hp),
+        "DRAIN_TIMEOUT": "1",
+        "DEFAULT_PROCESSING_MODE": "postcall_only",
+    }
+    settings = make_settings(env)
+    env["REDIS_CHANNEL_PREFIX"] = settings.redis_channel_prefix
+    call = corpus.build_call(corpus.pick_prompts(4, 91), pause=1.0)
+    call_id = str(uuid.uuid4())
+    proc = serve(env)
+    try:
+        await wait_healthy(hp)
+        async with Collector(settings) as collected:
+            playing = asyncio.create_task(
+                play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=1)
+            )
+            await asyncio.sleep(2)
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 20)
+            await collected.wait_ended([call_id], within=10)
+            playing.cancel()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    assert collected.by_call[call_id][-1]["reason"] == "shutdown"
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        recorded = w.readframes(w.getnframes())
+    assert len(recorded) > 8000 * 2 * 2.5 and call.pcm.startswith(recorded)
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "select c.status, j.status as job from calls c join postcall_jobs j using (call_id) "
+            "where call_id = $1",
+            uuid.UUID(call_id),
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["status"], row["job"]) == ("interrupted", "queued")
