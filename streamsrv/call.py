@@ -181,7 +181,8 @@ class Call:
     def _start(self, rate: int) -> None:
         self.sample_rate = rate
         self._recording = self.s.recorder.open(self.call_id, rate)
-        if self.settings.live_asr and self.s.executor is not None:
+        saturated = self.s.load() >= 1.0
+        if self.settings.live_asr and self.s.executor is not None and not saturated:
             st = self.settings
             self._track = _Track(
                 segmenter=Segmenter(
@@ -195,8 +196,15 @@ class Call:
                 resampler=StreamResampler(rate),
             )
         elif self.mode != "postcall_only":
+            # Past capacity the call is still taken, recorded and queued: only its live
+            # transcript is given up, and it says so in its messages.
             self.mode = "postcall_only"
-            self.log.warning("live_asr_unavailable", served_as="postcall_only")
+            self.s.metrics.calls_without_live_asr.inc()
+            self.log.warning(
+                "live_asr_unavailable",
+                reason="saturated" if saturated else "no model",
+                served_as="postcall_only",
+            )
         self._row_written = asyncio.get_running_loop().create_task(self._record_start(rate))
         self._emit(
             "call_started",

@@ -16,6 +16,11 @@ class Metrics:
         self.calls_ended = Counter(
             "streamsrv_calls_ended", "Calls ended, by reason", ["reason"], registry=r
         )
+        self.calls_without_live_asr = Counter(
+            "streamsrv_calls_without_live_asr",
+            "Calls served as postcall_only because the model was saturated when they started",
+            registry=r,
+        )
         self.frames_received = Counter(
             "streamsrv_frames_received", "AudioSocket audio messages received", registry=r
         )

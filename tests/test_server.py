@@ -174,3 +174,34 @@ async def test_sigterm_drains_open_calls_then_exits_zero(settings_env, database_
     events = [x["event"] for x in log_lines]
     assert "draining" in events and events[-1] == "stopped"
     assert [x["call_id"] for x in log_lines if x["event"] == "call_started"] == [call_id]
+
+
+async def test_saturated_model_serves_new_calls_as_postcall_only(settings_env, database_url):
+    """Past capacity a call is still taken, recorded and queued, without live transcripts,
+    and says so in its messages and in /metrics."""
+    import numpy as np
+
+    from streamsrv.asr.whisper import AsrRequest
+
+    settings = make_settings(settings_env, MAX_QUEUE_SIZE="2", MAX_BATCH_SIZE="1")
+    call = corpus.build_call(corpus.pick_prompts(2, 44), pause=0.8)
+    call_id = str(uuid.uuid4())
+    async with running_server(settings) as server, Collector(settings) as collected:
+        assert server.executor is not None
+        speech = np.frombuffer(call.pcm, "<i2").astype(np.float32) / 32768
+        busy = [
+            server.executor.submit(AsrRequest("load", speech, True, "en"), key="final")
+            for _ in range(4)
+        ]
+        assert server.load() >= 1.0
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=8)
+        await collected.wait_ended([call_id])
+        await asyncio.gather(*busy)
+        _, text = await get(server.http_port, "/metrics")
+    messages = collected.by_call[call_id]
+    assert [m["type"] for m in messages] == ["call_started", "call_ended"]
+    assert messages[0]["processing_mode"] == messages[-1]["processing_mode"] == "postcall_only"
+    assert messages[-1]["job_id"] is not None
+    assert metric(text, "streamsrv_calls_without_live_asr_total") == 1
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        assert w.readframes(w.getnframes()) == call.pcm
