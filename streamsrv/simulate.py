@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
@@ -27,7 +27,6 @@ class PlayedCall:
     bytes_sent: int = 0
     frames_sent: int = 0
     started: float = 0.0  # monotonic time of the first audio frame
-    frame_times: list[float] = field(default_factory=list)
 
 
 async def play_call(

@@ -1,0 +1,158 @@
+"""`python -m benchmarks [all|live|sweep|ingest]`: see benchmarks/RESULTS.md for what each
+figure means. With no arguments (`make bench`): the default sweep, then the default ingest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks import harness as h
+from benchmarks import report
+from benchmarks.ingest import IngestResult, run_ingest
+from benchmarks.live import LiveResult, run_live
+from benchmarks.offline import OfflineTranscriber
+from streamsrv.config import Settings
+
+DEFAULT_SWEEP = "1,2,4,6"
+DEFAULT_SECONDS = 60.0
+DEFAULT_INGEST_CALLS = 300
+DEFAULT_INGEST_SECONDS = 30.0
+DEFAULT_PLOT = Path(__file__).resolve().parent / "sweep.png"
+
+
+def _common(parser: argparse.ArgumentParser, seconds: float) -> None:
+    parser.add_argument("--seconds", type=float, default=seconds, help="length of each call")
+    parser.add_argument("--seed", type=int, default=1, help="same seed, same calls")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="server variable"
+    )
+    parser.add_argument("--env-file", type=Path, default=h.DEFAULT_ENV_FILE)
+    parser.add_argument("--out", type=Path, help="write the full results as JSON here")
+    parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+
+
+def _calls_list(text: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,2,4, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError("call counts must be at least 1")
+    return counts
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    live = sub.add_parser("live", help="N concurrent corpus calls: lag, WER, CPU, losses")
+    live.add_argument("--calls", type=int, required=True)
+    _common(live, DEFAULT_SECONDS)
+
+    sweep = sub.add_parser("sweep", help="live at several call counts, table and plot")
+    sweep.add_argument("--calls", type=_calls_list, default=_calls_list(DEFAULT_SWEEP))
+    sweep.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    _common(sweep, DEFAULT_SECONDS)
+
+    ingest = sub.add_parser("ingest", help="many real-time calls, no live ASR: CPU, losses")
+    ingest.add_argument("--calls", type=int, default=DEFAULT_INGEST_CALLS)
+    ingest.add_argument("--procs", type=int, help="client processes (default: 1 per 100 calls)")
+    _common(ingest, DEFAULT_INGEST_SECONDS)
+
+    everything = sub.add_parser("all", help=f"sweep {DEFAULT_SWEEP} x 60 s, ingest 300 x 30 s")
+    everything.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    everything.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    everything.add_argument("--env-file", type=Path, default=h.DEFAULT_ENV_FILE)
+    everything.add_argument("--out", type=Path, help="write the full results as JSON here")
+    everything.add_argument("--record", action="store_true")
+    return parser.parse_args(argv or ["all"])
+
+
+def live_details(r: LiveResult) -> str:
+    return (
+        f"  words {r.words} ({r.words_missing} never shown), utterances {r.utterances} "
+        f"({r.finals_missing} without a final); server CPU {r.server_cpu_s:.1f} s for "
+        f"{r.audio_seconds:.0f} s of audio\n"
+        f"  frames sent/received {r.frames_sent}/{r.frames_received}, bytes "
+        f"{r.bytes_sent}/{r.bytes_received}, recorded {r.recorded_seconds:.2f} s; partials shed "
+        f"{r.partials_shed}; calls not ended {r.calls_not_ended}\n"
+        f"  Redis delivery p95 {r.delivery_p95 * 1000:.1f} ms, client pacing late p99 "
+        f"{r.client_late_p99_ms:.1f} ms (both are in the lags; large values void the run)"
+    )
+
+
+def do_sweep(
+    counts: list[int], seconds: float, seed: int, env: dict[str, str], env_file: Path
+) -> list[LiveResult]:
+    offline = OfflineTranscriber()
+    results = []
+    for n in counts:
+        print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
+        results.append(run_live(n, seconds, seed, env, offline, env_file))
+        print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
+    return results
+
+
+def sweep_summary(results: list[LiveResult]) -> str:
+    best = report.largest_holding(results)
+    holding = f"{best} concurrent call(s)" if best is not None else "none of the counts tried"
+    return (
+        f"{report.table([report.live_row(r) for r in results])}\n\n"
+        f"Bar: {report.bar_text()}.\nLargest count holding the bar: {holding}."
+    )
+
+
+def do_ingest(
+    calls: int, seconds: float, procs: int | None, env: dict[str, str], env_file: Path
+) -> IngestResult:
+    print(f"ingest: {calls} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
+    return run_ingest(calls, seconds, procs, env, env_file)
+
+
+def ingest_settings(env: dict[str, str], env_file: Path) -> Settings:
+    return h.bench_settings({"DEFAULT_PROCESSING_MODE": "postcall_only", **env}, env_file)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    env = h.parse_env_args(args.env)
+    results: list[LiveResult | IngestResult] = []
+    blocks: list[tuple[str, str, Settings]] = []  # (title, body, settings) to record
+    if args.command == "live":
+        offline = OfflineTranscriber()
+        live = run_live(args.calls, args.seconds, args.seed, env, offline, args.env_file)
+        results.append(live)
+        body = report.table([report.live_row(live)])
+        print(f"{body}\n{live_details(live)}")
+        blocks.append((f"live, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
+    if args.command in ("sweep", "all"):
+        counts = args.calls if args.command == "sweep" else _calls_list(DEFAULT_SWEEP)
+        seconds = args.seconds if args.command == "sweep" else DEFAULT_SECONDS
+        seed = args.seed if args.command == "sweep" else 1
+        sweep = do_sweep(counts, seconds, seed, env, args.env_file)
+        results += sweep
+        body = sweep_summary(sweep)
+        print(body)
+        report.plot(sweep, args.plot, f"streamsrv sweep, {seconds:.0f} s calls: {report.machine()}")
+        print(f"plot: {args.plot}")
+        blocks.append(("sweep", body, h.bench_settings(env, args.env_file)))
+    if args.command in ("ingest", "all"):
+        calls = args.calls if args.command == "ingest" else DEFAULT_INGEST_CALLS
+        seconds = args.seconds if args.command == "ingest" else DEFAULT_INGEST_SECONDS
+        procs = args.procs if args.command == "ingest" else None
+        ingest = do_ingest(calls, seconds, procs, env, args.env_file)
+        results.append(ingest)
+        body = report.table([report.ingest_row(ingest)])
+        print(body)
+        blocks.append((f"ingest, {calls} calls", body, ingest_settings(env, args.env_file)))
+    if args.record:
+        for title, body, settings in blocks:
+            report.record(title, body, settings)
+    if args.out:
+        report.to_json(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,210 @@
+"""`live`: N concurrent corpus calls at real-time pace into a fresh server, measured end to end.
+
+Phases: start the server, warm it up with one short call (the first batches pay one-off
+allocation costs that are not steady-state), snapshot its counters, play the calls (staggered
+within the first 2 s), wait for every call_ended, snapshot again, stop the server, and only then
+transcribe the same audio offline for the WER baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import calls as bc
+from benchmarks import harness as h
+from benchmarks import lag
+from benchmarks.offline import OfflineTranscriber
+from streamsrv.config import Settings
+from streamsrv.wer import corpus_wer
+
+LOOP_LAG = "streamsrv_event_loop_lag_seconds"
+BATCH = "streamsrv_inference_batch_size"
+
+# The bar a concurrency level must hold (DESIGN.md, "Quality bars").
+WORD_LAG_P95_MAX = 2.0
+FINAL_LAG_P95_MAX = 3.0
+WER_GAP_MAX = 0.01
+WARMUP_SEED = 999_999  # the warm-up call, never one of the measured calls
+
+
+@dataclass
+class LiveResult:
+    calls: int
+    seconds: float
+    seed: int
+    env: dict[str, str]
+    model: str
+    final_beam_size: int
+    audio_seconds: float
+    words: int
+    words_missing: int
+    word_lag_p50: float
+    word_lag_p95: float
+    utterances: int
+    finals_missing: int
+    final_lag_p50: float
+    final_lag_p95: float
+    final_wer: float
+    offline_wer: float
+    server_cpu_s: float
+    cpu_per_audio_s: float
+    peak_rss_mb: float
+    loop_lag_p99: float
+    frames_sent: int
+    frames_received: int
+    frames_lost: int
+    bytes_sent: int
+    bytes_received: int
+    recorded_seconds: float
+    partials: int
+    finals: int
+    partials_shed: int
+    batch_size_mean: float
+    delivery_p95: float  # Redis arrival - emitted_at: what the collector adds to every lag
+    client_late_p99_ms: float
+    calls_not_ended: int
+    per_call: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bar_failures(self) -> list[str]:
+        """Which parts of the bar this run misses (nan counts as a miss)."""
+        checks = {
+            "word lag": self.word_lag_p95 <= WORD_LAG_P95_MAX,
+            "final lag": self.final_lag_p95 <= FINAL_LAG_P95_MAX,
+            "WER": self.final_wer <= self.offline_wer + WER_GAP_MAX,
+            "frames lost": self.frames_lost == 0,
+            "calls not ended": self.calls_not_ended == 0,
+        }
+        return [name for name, ok in checks.items() if not ok]
+
+    @property
+    def holds_bar(self) -> bool:
+        return not self.bar_failures
+
+
+def call_seed(seed: int, index: int) -> int:
+    """Call i of every run with the same --seed is the same audio, whatever the call count."""
+    return seed * 1000 + index
+
+
+async def _play_and_collect(
+    server: h.ServerProcess, calls: list[bc.BenchCall], seed: int
+) -> tuple[list[bc.Played], bc.Collector, h.Snapshot, h.Snapshot, float, int]:
+    s = server.settings
+    host, port = s.audiosocket_host, s.audiosocket_port
+    async with bc.Collector(s.redis_url, s.redis_channel_prefix) as collector:
+        warm = bc.build_bench_call(seed=WARMUP_SEED, seconds=3)
+        played_warm = await bc.play(host, port, bc.encode_frames(warm.pcm))
+        await collector.wait_ended([played_warm.call_id], within=60)
+        before = server.snapshot()
+        delays = bc.stagger(len(calls), seed)
+        played = await asyncio.gather(
+            *(
+                bc.play(host, port, bc.encode_frames(c.pcm), delay=d)
+                for c, d in zip(calls, delays, strict=True)
+            )
+        )
+        ids = [p.call_id for p in played]
+        await collector.wait_ended(ids, within=120 + max(c.seconds for c in calls))
+        after = server.snapshot()
+        rss = server.peak_rss_mb()
+        not_ended = sum(1 for c in ids if not collector.ended(c))
+    return list(played), collector, before, after, rss, not_ended
+
+
+def run_live(
+    n_calls: int,
+    seconds: float,
+    seed: int,
+    env: dict[str, str],
+    offline: OfflineTranscriber,
+    env_file: Path = h.DEFAULT_ENV_FILE,
+) -> LiveResult:
+    calls = [bc.build_bench_call(call_seed(seed, i), seconds) for i in range(n_calls)]
+    server = h.ServerProcess(env, env_file)
+    with server:
+        played, collector, before, after, rss, not_ended = asyncio.run(
+            _play_and_collect(server, calls, seed)
+        )
+        model = str(server.health.get("model_name", ""))
+        settings: Settings = server.settings
+        recorded = bc.recorded_seconds(server.recordings, {p.call_id for p in played})
+
+    word_lags: list[float | None] = []
+    final_lags: list[float | None] = []
+    pairs: list[tuple[str, str]] = []
+    offline_pairs: list[tuple[str, str]] = []
+    per_call: list[dict[str, Any]] = []
+    for call, p in zip(calls, played, strict=True):
+        messages = collector.by_call.get(p.call_id, [])
+        words = lag.reference_words(call.utterances, p.clock)
+        w = lag.word_lags(words, messages)
+        f = lag.final_lags(call.utterances, messages, p.clock)
+        text = lag.finals_text(messages)
+        offline_text = offline.transcribe(call.pcm, settings)
+        word_lags += w
+        final_lags += f
+        pairs.append((call.reference, text))
+        offline_pairs.append((call.reference, offline_text))
+        per_call.append(
+            {
+                "call_id": p.call_id,
+                "seed": call.seed,
+                "seconds": call.seconds,
+                "reference": call.reference,
+                "finals": text,
+                "offline": offline_text,
+                "word_lags": w,
+                "final_lags": f,
+                # enough to recompute every lag: lag.reference_words(utterances, clock) ...
+                "utterances": [dataclasses.asdict(u) for u in call.utterances],
+                "frame_walls": p.frame_walls,
+                "messages": messages,
+            }
+        )
+    arrivals = [a for p in played for a in collector.by_call.get(p.call_id, [])]
+    kinds = [m["type"] for _, m in arrivals]
+    audio_seconds = sum(p.frames_sent * bc.FRAME_S for p in played)
+    frames_sent = sum(p.frames_sent for p in played)
+    frames_received = int(h.delta(before, after, "streamsrv_frames_received_total"))
+    return LiveResult(
+        calls=n_calls,
+        seconds=seconds,
+        seed=seed,
+        env=env,
+        model=model,
+        final_beam_size=settings.final_beam_size,
+        audio_seconds=audio_seconds,
+        words=len(word_lags),
+        words_missing=sum(1 for x in word_lags if x is None),
+        word_lag_p50=lag.percentile(word_lags, 50),
+        word_lag_p95=lag.percentile(word_lags, 95),
+        utterances=len(final_lags),
+        finals_missing=sum(1 for x in final_lags if x is None),
+        final_lag_p50=lag.percentile(final_lags, 50),
+        final_lag_p95=lag.percentile(final_lags, 95),
+        final_wer=corpus_wer(pairs),
+        offline_wer=corpus_wer(offline_pairs),
+        server_cpu_s=after.cpu_seconds - before.cpu_seconds,
+        cpu_per_audio_s=(after.cpu_seconds - before.cpu_seconds) / audio_seconds,
+        peak_rss_mb=rss,
+        loop_lag_p99=h.histogram_quantile(0.99, before.metrics, after.metrics, LOOP_LAG),
+        frames_sent=frames_sent,
+        frames_received=frames_received,
+        frames_lost=frames_sent - frames_received,
+        bytes_sent=sum(p.bytes_sent for p in played),
+        bytes_received=int(h.delta(before, after, "streamsrv_bytes_received_total")),
+        recorded_seconds=recorded,
+        partials=kinds.count("partial"),
+        finals=kinds.count("final"),
+        partials_shed=int(h.delta(before, after, "streamsrv_partials_shed_total")),
+        batch_size_mean=h.histogram_mean(before, after, BATCH),
+        delivery_p95=lag.percentile([at - m["emitted_at"] for at, m in arrivals], 95),
+        client_late_p99_ms=bc.lateness_summary([x for p in played for x in p.lateness])["p99_ms"],
+        calls_not_ended=not_ended,
+        per_call=per_call,
+    )
