@@ -26,8 +26,9 @@ class RingBuffer:
     def append(self, samples: FloatArray) -> None:
         n = len(samples)
         if n >= self.capacity:
-            self._data[:] = samples[-self.capacity :]
+            # keep the newest `capacity` samples, each at its absolute index modulo capacity
             self.end += n
+            self._data[:] = np.roll(samples[-self.capacity :], self.start % self.capacity)
             return
         pos = self.end % self.capacity
         first = min(n, self.capacity - pos)

@@ -87,11 +87,14 @@ class Segmenter:
 
     def _close(self, end: int) -> Segment | None:
         assert self.open_start is not None
+        end = max(end, self.open_start)  # a segment cut inside a pause may hold no speech
         segment = Segment(self.open_start, end, self._speech_samples)
         self.open_start = None
-        self._floor = end
+        self._floor = max(self._floor, end)
         self._probs = []
-        return segment if segment.speech_samples >= self.min_speech else None
+        if segment.end <= segment.start or segment.speech_samples < self.min_speech:
+            return None
+        return segment
 
     def _cut(self) -> list[Segment]:
         """Close the overlong open segment at its quietest chunk of the last third."""
@@ -102,9 +105,13 @@ class Segmenter:
         quietest = first + min(range(len(tail)), key=tail.__getitem__)
         chunk0 = self.position - n * CHUNK
         cut = chunk0 + (quietest + 1) * CHUNK
-        segment = Segment(self.open_start, cut, self._speech_samples, forced=True)
+        rest = self._probs[quietest + 1 :]
+        rest_speech = sum(CHUNK for p in rest if p >= self.threshold)
+        segment = Segment(
+            self.open_start, cut, self._speech_samples - rest_speech, forced=True
+        )
         self.open_start = cut
         self._floor = cut
-        self._probs = self._probs[quietest + 1 :]
-        self._speech_samples = sum(CHUNK for p in self._probs if p >= self.threshold)
+        self._probs = rest
+        self._speech_samples = rest_speech
         return [segment]
