@@ -10,8 +10,9 @@ shared executor for an update:
   audio. Finals are never shed and are published strictly in segment order.
 
 Segment numbers are given out when a segment first publishes text, so silence and noise use no
-number, and a partial never publishes while an earlier segment's final is pending: numbers
-always follow the audio's order. A final with no text ends a segment that had a partial.
+number. A partial publishes only for the oldest segment without a final (the open one, or the
+one whose final is pending), so numbers always follow the audio's order. A final with no text
+ends a segment that had a partial.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class _PendingFinal:
     segment: Segment
     future: asyncio.Future[AsrResult]
     number: int | None
+    shown: str  # the last partial text published for it
 
 
 @dataclass
@@ -269,7 +271,7 @@ class Call:
             prompt=self._prompt(),
         )
         future = self.s.executor.submit(request, priority=0, key="final")
-        track.finals.append(_PendingFinal(segment, future, track.open_number))
+        track.finals.append(_PendingFinal(segment, future, track.open_number, track.open_text))
         track.open_number, track.open_text = None, ""
         track.last_partial_end = segment.end
         future.add_done_callback(lambda _: self._publish_finals(track))
@@ -314,17 +316,30 @@ class Call:
             return
         result = future.result()
         self._learn_language(result)
-        still_open = track.segmenter.open_start == start
-        if not still_open or track.finals or not result.text or result.text == track.open_text:
+        if not result.text:
             return
-        if track.open_number is None:
-            track.open_number = self._next_segment()
-        track.open_text = result.text
+        if track.segmenter.open_start == start and not track.finals:
+            if result.text == track.open_text:
+                return
+            if track.open_number is None:
+                track.open_number = self._next_segment()
+            number, track.open_text = track.open_number, result.text
+        elif track.finals and track.finals[0].segment.start == start:
+            # The segment closed while its partial ran: until its final comes, the partial
+            # still shows its words. Only the oldest pending segment, so numbers stay in order.
+            head = track.finals[0]
+            if result.text == head.shown:
+                return
+            if head.number is None:
+                head.number = self._next_segment()
+            number, head.shown = head.number, result.text
+        else:
+            return
         self.s.metrics.partials.inc()
         self._emit(
             "partial",
             {
-                "segment": track.open_number,
+                "segment": number,
                 "text": result.text,
                 "start": round(start / MODEL_RATE, 3),
                 "end": round(end / MODEL_RATE, 3),
