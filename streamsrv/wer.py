@@ -1,14 +1,32 @@
-"""Word error rate with the usual normalisation (case, punctuation, numbers as written)."""
+"""Word error rate with the usual normalisation, so that only recognition errors count.
+
+Case and punctuation are dropped, hyphens split words, single digits are written out ("press 1"
+and "press one" are the same words), and a run of three or more single letters is one token
+(an acronym spelled "m i s d n" or written "MISDN").
+"""
 
 from __future__ import annotations
 
 import re
 
 _WORD = re.compile(r"[a-z0-9']+")
+_DIGITS = "zero one two three four five six seven eight nine".split()
 
 
 def normalise(text: str) -> list[str]:
-    return [w.strip("'") for w in _WORD.findall(text.lower().replace("-", " ")) if w.strip("'")]
+    words = [w.strip("'") for w in _WORD.findall(text.lower().replace("-", " "))]
+    words = [_DIGITS[int(w)] if len(w) == 1 and w.isdigit() else w for w in words if w]
+    out: list[str] = []
+    run: list[str] = []
+    for word in [*words, ""]:
+        if len(word) == 1 and word.isalpha():
+            run.append(word)
+            continue
+        out.extend(["".join(run)] if len(run) >= 3 else run)
+        run = []
+        if word:
+            out.append(word)
+    return out
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
