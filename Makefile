@@ -43,7 +43,8 @@ lint: install
 demo: install
 	$(WITH_SERVICES) $(BIN)/streamsrv demo --env-file configs/streamsrv.env
 
-bench: install
+bench: install services
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 	$(WITH_SERVICES) $(BIN)/python -m benchmarks
 
 clean:
