@@ -223,6 +223,7 @@ class Call:
     async def _record_start(self, rate: int) -> None:
         """Journal the open call (so a crash cannot lose it), then write its row."""
         assert self._recording is not None
+        await self._recording.flush()  # the file exists, under the name it really got
         info = {
             "call_id": self.call_id,
             "created_at": self.created_at.isoformat(),
@@ -242,6 +243,13 @@ class Call:
         )
 
     # -- live transcription --------------------------------------------------------------------
+
+    @property
+    def vad_backlog_seconds(self) -> float:
+        track = self._track
+        if track is None:
+            return 0.0
+        return sum(len(a) for a in track.vad_pending) / MODEL_RATE
 
     def take_vad_audio(self) -> tuple[VadState, FloatArray] | None:
         """The audio VAD has not seen yet, for the server's VAD pass in a worker thread."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import queue
 import struct
@@ -183,7 +184,7 @@ class RecordingWriter:
     def _open(self, recording: Recording) -> None:
         try:
             recording.path.parent.mkdir(parents=True, exist_ok=True)
-            file = recording.path.open("wb")
+            file = _create_new(recording)
             recording._file = file
             self._open_files.add(recording)
             file.write(wav_header(recording.sample_rate, 0))
@@ -236,6 +237,21 @@ class RecordingWriter:
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()
+
+
+def _create_new(recording: Recording) -> BinaryIO:
+    """Open the recording's file, never over an existing one (a call id seen before, in an
+    earlier run): then <call_id>-1.wav, -2, ... The path the recording really has is set here."""
+    base = recording.path
+    for n in itertools.count():
+        path = base if n == 0 else base.with_name(f"{base.stem}-{n}{base.suffix}")
+        try:
+            file = path.open("xb")
+        except FileExistsError:
+            continue
+        recording.path = path
+        return file
+    raise AssertionError("unreachable")
 
 
 def repair_wav(path: Path, sample_rate: int) -> int | None:

@@ -46,6 +46,9 @@ from streamsrv.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
+VAD_BACKLOG_SECONDS = 4.0  # a call's audio waiting for VAD past which its reading pauses
+ENDED_IDS_KEPT = 100_000  # call ids remembered so that a reused one is refused
+
 
 class Connection(asyncio.Protocol):
     """One AudioSocket TCP connection, and the Call once its id arrives."""
@@ -74,6 +77,13 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
         self._feed(data)
+        call = self.call
+        if call is not None and call.vad_backlog_seconds > VAD_BACKLOG_SECONDS and not self.closed:
+            # A peer sending faster than real time waits for VAD (TCP flow control) instead
+            # of growing memory and pushing speech out of the ring before it is segmented.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.server._paused.add(self)
 
     def eof_received(self) -> bool:
         self._feed(b"")
@@ -110,8 +120,8 @@ class Connection(asyncio.Protocol):
             if self.call is not None:
                 self.call.on_audio(event)
         elif isinstance(event, aso.CallId):
-            if event.call_id in self.server.calls:
-                raise aso.ProtocolError(f"call id {event.call_id} is already connected")
+            if event.call_id in self.server.calls or event.call_id in self.server._ended_ids:
+                raise aso.ProtocolError(f"call id {event.call_id} was already used")
             self.call = self.server.open_call(event.call_id, self.peer)
         elif isinstance(event, aso.Dtmf):
             if self.call is not None:
@@ -130,9 +140,10 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+        self.server._paused.discard(self)
         if self.call is not None:
             self.server.finish_call(self.call, reason)
-        elif reason != "hangup":
+        elif reason == "lost":  # every other reason was logged where it was found
             log.info("connection_closed", peer=self.peer, reason=reason)
 
     def end(self, reason: str) -> None:
@@ -154,7 +165,9 @@ class Server:
         self.model_name = ""
         self.vad: SileroVad | None = None
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
-        self._vad_busy = False
+        self._vad_pass_running: asyncio.Future[list[tuple[Call, Any]]] | None = None
+        self._paused: set[Connection] = set()  # reading paused until VAD catches up
+        self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
         self._http = HttpApi(self)
         self._tick_task: asyncio.Task[None] | None = None
@@ -291,11 +304,17 @@ class Server:
 
     async def _finish(self, call: Call, reason: str) -> None:
         try:
+            if self._vad_pass_running is not None:
+                # its probabilities for this call must land before the call flushes its VAD
+                await asyncio.wait([self._vad_pass_running])
             await call.finish(reason, self._vad_call)
         except Exception:
             log.exception("call_finish_failed", call_id=call.call_id)
         finally:
             self.calls.pop(call.call_id, None)
+            self._ended_ids[call.call_id] = None
+            if len(self._ended_ids) > ENDED_IDS_KEPT:
+                del self._ended_ids[next(iter(self._ended_ids))]
             self._changed.set()
             self.metrics.calls_active.dec()
             self.metrics.calls_ended.labels(reason).inc()
@@ -340,7 +359,7 @@ class Server:
             self._last_watchdog = now
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
-        if self.vad is None or self._vad_busy:
+        if self.vad is None or self._vad_pass_running is not None:
             return
         work = []
         for call in self.calls.values():
@@ -350,10 +369,10 @@ class Server:
             if taken is not None:
                 work.append((call, *taken))
         if work:
-            self._vad_busy = True
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._vad_pool, self._vad_pass, work)
             future.add_done_callback(self._vad_done)
+            self._vad_pass_running = future
 
     def _sweep(self, now: float) -> None:
         """Once a second: dead sockets, silent handshakes, overlong calls, refusal counts."""
@@ -382,7 +401,12 @@ class Server:
         return [(call, self.vad.run(state, audio)) for call, state, audio in work]
 
     def _vad_done(self, future: asyncio.Future[list[tuple[Call, Any]]]) -> None:
-        self._vad_busy = False
+        self._vad_pass_running = None
+        for conn in list(self._paused):
+            if conn.call is None or conn.call.vad_backlog_seconds < VAD_BACKLOG_SECONDS / 2:
+                self._paused.discard(conn)
+                if not conn.closed and conn.transport is not None:
+                    conn.transport.resume_reading()
         if future.exception() is not None:
             log.error("vad_failed", error=repr(future.exception()))
             return
