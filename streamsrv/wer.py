@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 _WORD = re.compile(r"[a-z0-9']+")
-_DIGITS = "zero one two three four five six seven eight nine".split()
+_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def normalise(text: str) -> list[str]:

@@ -107,9 +107,7 @@ class Segmenter:
         cut = chunk0 + (quietest + 1) * CHUNK
         rest = self._probs[quietest + 1 :]
         rest_speech = sum(CHUNK for p in rest if p >= self.threshold)
-        segment = Segment(
-            self.open_start, cut, self._speech_samples - rest_speech, forced=True
-        )
+        segment = Segment(self.open_start, cut, self._speech_samples - rest_speech, forced=True)
         self.open_start = cut
         self._floor = cut
         self._probs = rest
