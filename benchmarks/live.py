@@ -177,7 +177,7 @@ def run_live(
         seed=seed,
         env=env,
         model=model,
-        final_beam_size=settings.final_beam_size,
+        final_beam_size=settings.final_beam(settings.device),
         audio_seconds=audio_seconds,
         words=len(word_lags),
         words_missing=sum(1 for x in word_lags if x is None),

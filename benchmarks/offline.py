@@ -45,7 +45,7 @@ class OfflineTranscriber:
         model, model_key = self._model(settings)
         key = (
             model_key,
-            str(settings.final_beam_size),
+            str(settings.final_beam(settings.device)),
             str(settings.condition_on_previous_text),
             hashlib.sha1(pcm8k).hexdigest(),
         )
@@ -54,7 +54,7 @@ class OfflineTranscriber:
             segments, _info = model.transcribe(  # type: ignore[attr-defined]
                 soxr.resample(audio, 8000, 16000),
                 language="en",
-                beam_size=settings.final_beam_size,
+                beam_size=settings.final_beam(settings.device),
                 vad_filter=True,
                 condition_on_previous_text=settings.condition_on_previous_text,
             )

@@ -1,4 +1,4 @@
-"""Command line: serve, migrate, check-config, demo."""
+"""Command line: serve, migrate, check-config, demo, worker."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from pathlib import Path
 
 import structlog
 
-from streamsrv.config import ConfigError, Settings, known_variables, read_env_file
+from streamsrv.config import (
+    ConfigError,
+    Settings,
+    known_variables,
+    read_env_file,
+    variable_aliases,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +75,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     path: Path = args.file
     try:
         values = read_env_file(path)
-        unknown = sorted(set(values) - known_variables())
+        unknown = sorted(set(values) - known_variables() - set(variable_aliases()))
         Settings.from_mapping(values)
     except FileNotFoundError:
         print(f"{path}: no such file", file=sys.stderr)
@@ -89,6 +95,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = Settings.load(args.env_file)
     return asyncio.run(run_demo(settings, args.prompts, args.speed, args.seed))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The post-call worker: runs until SIGTERM, or with --drain until the queue is empty."""
+    from streamsrv.postcall.worker import DB_ERRORS, Worker
+
+    settings = _settings(args.env_file)
+    try:
+        _run(Worker(settings).run(drain=args.drain))
+    except DB_ERRORS as exc:
+        log.error("worker_failed", error=repr(exc))
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=float, default=1.0, help="1 = real time")
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("worker", help="run post-call jobs from the queue")
+    with_env(p)
+    p.add_argument("--drain", action="store_true", help="exit 0 once the queue is empty")
+    p.set_defaults(func=cmd_worker)
 
     args = parser.parse_args(argv)
     try:

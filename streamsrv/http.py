@@ -1,11 +1,18 @@
-"""HTTP on HTTP_HOST:HTTP_PORT: GET /health and GET /metrics (aiohttp, on the server's loop)."""
+"""HTTP on HTTP_HOST:HTTP_PORT (aiohttp, on the server's loop): GET /health, GET /metrics,
+POST /audio/process (a recording for the post-call pass) and GET /calls/<id>."""
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from streamsrv.postcall import uploads
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from streamsrv.server import Server
@@ -17,6 +24,8 @@ class HttpApi:
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_post("/audio/process", self.process_audio)
+        self.app.router.add_get("/calls/{call_id}", self.get_call)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -74,3 +83,22 @@ class HttpApi:
         return web.Response(
             body=server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def process_audio(self, request: web.Request) -> web.Response:
+        """A recording that did not come over AudioSocket: stored, queued, 202."""
+        return await uploads.handle_upload(request, self.server.settings, self.server.jobs)
+
+    async def get_call(self, request: web.Request) -> web.Response:
+        """The call row, its live transcript, its job and its post-call results."""
+        try:
+            call_id = str(uuid.UUID(request.match_info["call_id"]))
+        except ValueError:
+            return uploads.error_response(404, "no such call")
+        try:
+            view = await self.server.jobs.call_view(call_id)
+        except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
+            log.warning("call_view_failed", call_id=call_id, error=repr(exc))
+            return uploads.error_response(503, "database unavailable")
+        if view is None:
+            return uploads.error_response(404, "no such call")
+        return web.json_response(view)

@@ -7,6 +7,7 @@ an advisory lock, so any number of processes may run them at once and re-running
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +53,31 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         create index postcall_jobs_claim_idx
             on postcall_jobs (status, priority desc, created_at);
+        """,
+    ),
+    (
+        # The post-call worker: leases (a job whose worker died is taken again once its lease
+        # expires), retry back-off, the requested language of uploads, and the results.
+        2,
+        """
+        alter table postcall_jobs
+            add column lease_expires_at timestamptz,
+            add column run_after timestamptz not null default now(),
+            add column worker text,
+            add column language text;
+        create index postcall_jobs_lease_idx
+            on postcall_jobs (lease_expires_at) where status = 'running';
+        create table postcall_results (
+            call_id uuid primary key references calls (call_id),
+            transcript text not null,
+            segments jsonb not null,
+            language text,
+            translation text,
+            insights jsonb,
+            model text not null,
+            timings jsonb not null,
+            created_at timestamptz not null default now()
+        );
         """,
     ),
 )
@@ -194,6 +220,57 @@ class JobStore:
     async def check_or_raise(self) -> None:
         """A cheap round trip that raises when Postgres does not answer."""
         await asyncio.wait_for(self._require().fetchval("select 1"), self._check_timeout)
+
+    @property
+    def pool(self) -> Any:
+        """The asyncpg pool, for the post-call queue and the HTTP API (after start())."""
+        return self._require()
+
+    async def create_upload(
+        self,
+        call_id: str,
+        received_at: datetime,
+        duration_s: float,
+        audio_path: str,
+        priority: int,
+        language: str | None,
+    ) -> int:
+        """An uploaded recording: an ended postcall_only call and its job, both or neither."""
+        async with self._require().acquire() as conn, conn.transaction():
+            await conn.execute(
+                "insert into calls (call_id, created_at, ended_at, duration_s, peer,"
+                " sample_rate, status, processing_mode)"
+                " values ($1, $2, $2, $3, 'upload', 16000, 'ended', 'postcall_only')",
+                call_id,
+                received_at,
+                duration_s,
+            )
+            job_id = await conn.fetchval(
+                "insert into postcall_jobs (call_id, audio_path, priority, language)"
+                " values ($1, $2, $3, $4) returning id",
+                call_id,
+                audio_path,
+                priority,
+                language,
+            )
+        return int(job_id)
+
+    async def call_view(self, call_id: str) -> dict[str, Any] | None:
+        """The call row with its job and post-call results (null until there are any), as JSON
+        values; None for an unknown call."""
+        row = await self._require().fetchrow(
+            "select to_jsonb(c) as call, to_jsonb(j) - 'call_id' as job,"
+            " to_jsonb(r) - 'call_id' as results"
+            " from calls c left join postcall_jobs j using (call_id)"
+            " left join postcall_results r using (call_id) where c.call_id = $1",
+            call_id,
+        )
+        if row is None:
+            return None
+        view: dict[str, Any] = json.loads(row["call"])
+        view["job"] = json.loads(row["job"]) if row["job"] is not None else None
+        view["results"] = json.loads(row["results"]) if row["results"] is not None else None
+        return view
 
     async def check(self) -> str:
         """ "ok" or "down", cheaply, for /health."""

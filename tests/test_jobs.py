@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from streamsrv.config import Settings
-from streamsrv.jobs import JobStore, migrate, run_migrations
+from streamsrv.jobs import MIGRATIONS, JobStore, migrate, run_migrations
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ async def test_migrate_twice_is_harmless_and_creates_schema(database_url: str, c
     await run_migrations(database_url)
     await migrate(conn)
     await migrate(conn)
-    assert await conn.fetchval("select count(*) from schema_version") == 1
+    assert await conn.fetchval("select count(*) from schema_version") == len(MIGRATIONS)
     tables = {
         r["tablename"]
         for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")
@@ -58,7 +58,7 @@ async def test_concurrent_migrations_are_safe(database_url: str) -> None:
         conns = [await asyncpg.connect(url) for _ in range(4)]
         try:
             await asyncio.gather(*(migrate(c) for c in conns))
-            assert await conns[0].fetchval("select count(*) from schema_version") == 1
+            assert await conns[0].fetchval("select count(*) from schema_version") == len(MIGRATIONS)
         finally:
             for c in conns:
                 await c.close()

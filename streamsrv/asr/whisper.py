@@ -75,6 +75,7 @@ class WhisperRunner:
             num_workers=settings.max_concurrent_gpu_requests if device == "cuda" else 1,
         )
         self.multilingual: bool = self.model.model.is_multilingual
+        self.final_beam = settings.final_beam(device)
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, language: str) -> Any:
@@ -150,7 +151,7 @@ class WhisperRunner:
         results = self.model.model.generate(
             encoded,
             self._prompts(tokenizers, batch),
-            beam_size=self.settings.final_beam_size if final else 1,
+            beam_size=self.final_beam if final else 1,
             max_length=224,
             return_scores=True,
             return_no_speech_prob=True,
