@@ -144,7 +144,8 @@ def model_settings(settings: Settings) -> str:
     device = settings.device
     return (
         f"{settings.realtime_model_name(device)} ({device}, "
-        f"{settings.realtime_whisper_compute_type}), FINAL_BEAM_SIZE={settings.final_beam(device)}, "
+        f"{settings.realtime_whisper_compute_type}), "
+        f"FINAL_BEAM_SIZE={settings.final_beam(device)}, "
         f"CPU_THREADS={settings.cpu_threads}, MAX_BATCH_SIZE={settings.max_batch_size}, "
         f"PARTIAL_INTERVAL={settings.partial_interval}, "
         f"MIN_WINDOW_SECONDS={settings.min_window_seconds}"
