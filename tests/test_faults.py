@@ -366,3 +366,41 @@ async def test_drain_timeout_ends_calls_as_interrupted_still_recorded(settings_e
     finally:
         await conn.close()
     assert row is not None and (row["status"], row["job"]) == ("interrupted", "queued")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 128 KiB tmpfs: a recordings directory that really fills up mid-call."""
+    mountpoint = tmp_path / "tiny-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_disk_full_mid_call_keeps_live_transcription(settings_env, tiny_disk):
+    settings = make_settings(settings_env, RECORDINGS_DIR=str(tiny_disk))
+    call = corpus.build_call(corpus.pick_prompts(5, 82), pause=0.8)
+    assert len(call.pcm) > 2 * 128 * 1024  # more audio than the disk holds
+    call_id = str(uuid.uuid4())
+    async with running_server(settings) as server, Collector(settings) as collected:
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
+        await collected.wait_ended([call_id])
+        status, body = await get(server.http_port, "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "degraded"
+    assert "No space left" in health["recordings"]
+    messages = collected.by_call[call_id]
+    check_order(messages, call_id)
+    assert sum(m["type"] == "final" for m in messages) == len(call.utterances)
+    # what reached the disk before it filled is a readable WAV of exactly the audio sent
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        recorded = w.readframes(w.getnframes())
+    assert 0 < len(recorded) < len(call.pcm) and call.pcm.startswith(recorded)
