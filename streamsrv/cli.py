@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The post-call worker: runs until SIGTERM, or with --drain until the queue is empty."""
-    from streamsrv.postcall.worker import DB_ERRORS, Worker
+    from streamsrv.postcall.worker import DB_ERRORS, Worker, abandoned_jobs
 
     settings = _settings(args.env_file)
     try:
@@ -107,6 +107,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except DB_ERRORS as exc:
         log.error("worker_failed", error=repr(exc))
         return 1
+    if abandoned_jobs():
+        # A forced stop gave the running jobs back; their threads are still inside the model,
+        # and tearing the interpreter down under native code aborts the process. Leave now.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

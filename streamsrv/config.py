@@ -117,6 +117,7 @@ class Settings:
         "POSTCALL_WHISPER_COMPUTE_TYPE", None, _optional_str
     )
     cpu_threads: int = _var("CPU_THREADS", 0, int)
+    cpu_workers: int = _var("CPU_WORKERS", 0, int)
     batch_size: int = _var("BATCH_SIZE", 4, int)
     adaptive_batching: bool = _var("ADAPTIVE_BATCHING", True, _bool)
     min_batch_size: int = _var("MIN_BATCH_SIZE", 1, int)
@@ -218,6 +219,7 @@ class Settings:
         need(self.redis_stream_maxlen >= 1, "REDIS_STREAM_MAXLEN: at least 1")
         need(self.redis_stream_ttl >= 1, "REDIS_STREAM_TTL: at least 1 second")
         need(self.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)")
+        need(self.cpu_workers >= 0, "CPU_WORKERS: must not be negative (0 = one per core)")
         need(
             self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "REDIS_URL: must start with redis://, rediss:// or unix://",
@@ -259,6 +261,18 @@ class Settings:
         if self.postcall_whisper_model:
             return self.postcall_whisper_model
         return "large-v3" if device == "cuda" else "base"
+
+    def live_workers(self, device: str) -> int:
+        """Batches the live model runs at once: MAX_CONCURRENT_GPU_REQUESTS on a GPU; on a CPU
+        CPU_WORKERS, by default one per core (CTranslate2 on one thread each gets more done
+        than one batch on all threads: 2.5x on the 2-core machine, benchmarks/RESULTS.md)."""
+        if device == "cuda":
+            return self.max_concurrent_gpu_requests
+        return self.cpu_workers or len(os.sched_getaffinity(0))
+
+    def threads_per_worker(self, workers: int) -> int:
+        """CPU_THREADS, or with 0 the cores shared out among the workers."""
+        return self.cpu_threads or max(1, len(os.sched_getaffinity(0)) // workers)
 
     def final_beam(self, device: str) -> int:
         """Beam size of live finals: FINAL_BEAM_SIZE, else 5 on a GPU and greedy on a CPU,

@@ -236,7 +236,7 @@ class Server:
             min_batch_size=s.min_batch_size,
             max_batch_size=s.max_batch_size,
             max_queue_size=s.max_queue_size,
-            workers=s.max_concurrent_gpu_requests if device == "cuda" else 1,
+            workers=s.live_workers(device),
             observer=self.metrics.observe_batch,
         )
         self.executor.start()

@@ -26,7 +26,7 @@ from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.queue import JobQueue
 from streamsrv.postcall.transcribe import Outcome
-from streamsrv.postcall.worker import Worker
+from streamsrv.postcall.worker import Worker, abandoned_jobs
 from streamsrv.wer import wer
 from tests.e2e import make_settings
 from tests.postcall_helpers import drain, fresh_db, insert_job, lifecycle, shared_model, wav_bytes
@@ -315,6 +315,8 @@ async def test_a_second_stop_gives_the_running_job_back(
     worker.stop()  # ... the second: give it back now
     await asyncio.wait_for(serving, 5)
     await worker.close()
+    for thread in abandoned_jobs():  # the model work given up on must not outlive the test
+        await asyncio.to_thread(thread.join, 120)
     job = await conn.fetchrow("select * from postcall_jobs where id = $1", job_id)
     assert (job["status"], job["attempts"], job["lease_expires_at"]) == ("queued", 0, None)
     assert await conn.fetchval("select count(*) from postcall_results") == 0

@@ -5,11 +5,12 @@ priority first, group items that can share a batch (same key), run them as one c
 each caller's future on the event loop. Errors go to the futures of that batch only. It knows
 nothing about Whisper: the batch function is plugged in, so it is tested with a plain function.
 
-Batch size: BATCH_SIZE when ADAPTIVE_BATCHING is off; otherwise whatever is queued, between
-MIN_BATCH_SIZE and MAX_BATCH_SIZE, so an idle server answers one request at once and a busy one
-amortises the model over many calls. Up to `workers` batches run at a time (on a GPU,
-MAX_CONCURRENT_GPU_REQUESTS). MAX_QUEUE_SIZE bounds pending work: past it, submissions that may
-be shed (partials) are refused, while those that must not be lost (finals) are always taken.
+Batch size: BATCH_SIZE when ADAPTIVE_BATCHING is off; otherwise whatever is queued, shared out
+among the idle workers, between MIN_BATCH_SIZE and MAX_BATCH_SIZE, so an idle server answers one
+request at once and a busy one amortises the model over many calls. Up to `workers` batches run
+at a time (MAX_CONCURRENT_GPU_REQUESTS on a GPU, CPU_WORKERS on a CPU). MAX_QUEUE_SIZE bounds
+pending work: past it, submissions that may be shed (partials) are refused, while those that
+must not be lost (finals) are always taken.
 """
 
 from __future__ import annotations
@@ -106,9 +107,12 @@ class BatchExecutor(Generic[T, R]):
         return future
 
     def _target_size(self, available: int) -> int:
+        """BATCH_SIZE, or adaptively the queued items shared out among the idle workers, so
+        that two workers split a queue of eight rather than one taking all of it."""
         if not self._adaptive:
             return self._batch_size
-        return max(self._min, min(self._max, available))
+        idle = max(1, self._workers - self.in_flight)
+        return max(self._min, min(self._max, -(-available // idle)))
 
     def _take(self) -> list[_Pending[T, R]]:
         """The next batch: the most urgent item and those queued with the same key."""

@@ -71,8 +71,8 @@ class WhisperRunner:
             model_path,
             device=device,
             compute_type=compute_type,
-            cpu_threads=settings.cpu_threads,
-            num_workers=settings.max_concurrent_gpu_requests if device == "cuda" else 1,
+            cpu_threads=settings.threads_per_worker(settings.live_workers(device)),
+            num_workers=settings.live_workers(device),
         )
         self.multilingual: bool = self.model.model.is_multilingual
         self.final_beam = settings.final_beam(device)

@@ -70,6 +70,11 @@ async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
     return await future
 
 
+def abandoned_jobs() -> list[threading.Thread]:
+    """Job threads still running after a forced stop gave their jobs back."""
+    return [t for t in threading.enumerate() if t.name.startswith("postcall-") and t.is_alive()]
+
+
 def read_recording(path: str) -> tuple[bytes, str]:
     """The recording's bytes and their SHA-256."""
     data = Path(path).read_bytes()
