@@ -835,8 +835,9 @@ async def test_audio_far_faster_than_real_time_is_bounded_and_loses_nothing(sett
         f"burst of {len(burst) / 16000:.0f} s: +{growth:.0f} MiB, {len(finals)}/{expected} finals"
     )
     assert recorded(settings, burst_id) == burst
-    # measured: peak +67..+165 MiB over the warmed-up base, transient (a burst queues all its
-    # finals at once: full batches of 20 s windows with beam search), back to +1..+3 MiB
-    # after; without flow control a 10 min burst reached +470 MiB and lost finals
-    assert growth < 250 and (after - base) / 2**20 < 30, (growth, after, base)
+    # Measured with one model worker: peak +67..+165 MiB over the warmed-up base, back to
+    # +1..+3 MiB after; with a worker per core (the default) peak +226 and +63 after, the
+    # second worker's model buffers. Without flow control a 10 min burst reached +470 MiB and
+    # lost finals: what grows with the audio is bounded, what remains is the model's own.
+    assert growth < 400 and (after - base) / 2**20 < 120, (growth, after, base)
     assert len(finals) == expected, (len(finals), expected)
