@@ -144,13 +144,15 @@ class Call:
             self._start(rate)
         if not pcm:
             return
-        samples = pcm16_to_float(pcm)
+        samples = None
         if rate != self.sample_rate:
-            samples, pcm = self._to_call_rate(rate, samples)
-        self.samples += len(samples)
+            samples, pcm = self._to_call_rate(rate, pcm16_to_float(pcm))
+        self.samples += len(pcm) // 2
         assert self._recording is not None
         self._recording.write(pcm)
-        if self._track is not None:
+        if self._track is not None:  # only live transcription needs the samples as numbers
+            if samples is None:
+                samples = pcm16_to_float(pcm)
             resampled = self._track.resampler.push(samples)
             self._track.ring.append(resampled)
             self._track.vad_pending.append(resampled)

@@ -348,6 +348,7 @@ class Server:
                 log.exception("tick_failed")
 
     def _tick(self, now: float) -> None:
+        self.recorder.hand_over()
         if self.executor is not None:
             self.metrics.queue_length.set(self.executor.queued)
         if now - self._last_sweep >= 1.0:
