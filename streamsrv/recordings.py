@@ -145,8 +145,8 @@ class RecordingWriter:
             raise RuntimeError("RecordingWriter is closed")
         if not call_id or Path(call_id).name != call_id or call_id in (".", ".."):
             raise ValueError(f"call_id is not a plain file name: {call_id!r}")
-        day = datetime.now(UTC).strftime("%Y/%m/%d")
-        recording = Recording(self, call_id, self.directory / day / f"{call_id}.wav", sample_rate)
+        path = recording_path(self.directory, call_id, datetime.now(UTC))
+        recording = Recording(self, call_id, path, sample_rate)
         self._put(_Op("open", recording))
         return recording
 
@@ -235,7 +235,7 @@ class RecordingWriter:
         try:
             os.fsync(file.fileno())
             file.close()
-            _fsync_directory(recording.path.parent)
+            fsync_directory(recording.path.parent)
         except OSError as exc:
             self._fail(recording, exc)
         recording._file = None
@@ -291,7 +291,12 @@ def repair_wav(path: Path, sample_rate: int) -> int | None:
     return data
 
 
-def _fsync_directory(directory: Path) -> None:
+def recording_path(directory: Path, call_id: str, when: datetime) -> Path:
+    """directory/YYYY/MM/DD/<call_id>.wav, by the UTC date: live calls and uploads alike."""
+    return directory / when.strftime("%Y/%m/%d") / f"{call_id}.wav"
+
+
+def fsync_directory(directory: Path) -> None:
     """Make the file's directory entry durable too (a new file is lost on a crash otherwise)."""
     fd = os.open(directory, os.O_RDONLY)
     try:

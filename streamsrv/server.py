@@ -47,8 +47,8 @@ from streamsrv.systemd import Notifier
 log = structlog.get_logger(__name__)
 
 VAD_BACKLOG_SECONDS = 4.0  # a call's audio waiting for VAD past which its reading pauses
-ENDED_IDS_KEPT = 100_000
-READ_LOW_WATER = 3 * (3 + 320)  # bytes: three 20 ms frames of 8 kHz audio with their headers  # call ids remembered so that a reused one is refused
+ENDED_IDS_KEPT = 100_000  # call ids remembered so that a reused one is refused
+READ_LOW_WATER = 3 * (3 + 320)  # bytes: three 20 ms frames of 8 kHz audio with their headers
 
 
 class Connection(asyncio.Protocol):

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from streamsrv.jobs import JobStore
+from streamsrv.recordings import fsync_directory
 
 log = structlog.get_logger(__name__)
 
@@ -41,11 +42,7 @@ def _write_durably(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 def _encode(kwargs: dict[str, Any]) -> dict[str, Any]:

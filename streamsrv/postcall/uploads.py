@@ -25,6 +25,7 @@ from aiohttp import BodyPartReader, web
 
 from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
+from streamsrv.recordings import fsync_directory, recording_path
 
 log = structlog.get_logger(__name__)
 
@@ -55,11 +56,6 @@ class Upload:
 
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-def recording_path(recordings_dir: Path, call_id: str, when: datetime) -> Path:
-    """Where RecordingWriter puts a live call's recording: the same place for uploads."""
-    return recordings_dir / when.strftime("%Y/%m/%d") / f"{call_id}.wav"
 
 
 async def handle_upload(request: web.Request, settings: Settings, store: JobStore) -> web.Response:
@@ -225,7 +221,7 @@ def decode_to_wav(source: Path, target: Path) -> float:
         if samples == 0:
             raise UploadError(422, "the file holds no audio samples")
         partial.rename(target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
     finally:
         partial.unlink(missing_ok=True)
     return samples / SAMPLE_RATE
@@ -253,11 +249,3 @@ def _transcode(container: Any, out: wave.Wave_write) -> int:
             write(resampler.resample(frame))
     write(resampler.resample(None))
     return samples
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
