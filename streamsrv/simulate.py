@@ -26,7 +26,6 @@ class PlayedCall:
     call_id: str
     bytes_sent: int = 0
     frames_sent: int = 0
-    started: float = 0.0  # monotonic time of the first audio frame
 
 
 async def play_call(
@@ -48,7 +47,6 @@ async def play_call(
     frame = rate * frame_ms // 1000 * 2
     keys = sorted(dtmf or [])
     t0 = time.monotonic()
-    played.started = t0
     for i, offset in enumerate(range(0, len(pcm), frame)):
         at = i * frame_ms / 1000
         while keys and keys[0][0] <= at:
