@@ -84,15 +84,14 @@ class Connection(asyncio.Protocol):
             # of growing memory and pushing speech out of the ring before it is segmented.
             assert self.transport is not None
             self.transport.pause_reading()
-            self.server._paused.add(self)
+            self.server.paused_for_vad.add(self)
 
     def eof_received(self) -> bool:
         self._feed(b"")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        self.server._changed.set()
+        self.server.forget(self)
         if not self.closed:
             # a reset is how Asterisk sometimes hangs up: a normal end
             self._end("hangup" if exc is None or isinstance(exc, ConnectionError) else "lost")
@@ -121,7 +120,7 @@ class Connection(asyncio.Protocol):
             if self.call is not None:
                 self.call.on_audio(event)
         elif isinstance(event, aso.CallId):
-            if event.call_id in self.server.calls or event.call_id in self.server._ended_ids:
+            if self.server.call_id_used(event.call_id):
                 raise aso.ProtocolError(f"call id {event.call_id} was already used")
             self.call = self.server.open_call(event.call_id, self.peer)
             self._read_in_bursts()
@@ -152,7 +151,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-        self.server._paused.discard(self)
+        self.server.paused_for_vad.discard(self)
         if self.call is not None:
             self.server.finish_call(self.call, reason)
         elif reason == "lost":  # every other reason was logged where it was found
@@ -178,7 +177,7 @@ class Server:
         self.vad: SileroVad | None = None
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
         self._vad_pass_running: asyncio.Future[list[tuple[Call, Any]]] | None = None
-        self._paused: set[Connection] = set()  # reading paused until VAD catches up
+        self.paused_for_vad: set[Connection] = set()  # reading paused until VAD catches up
         self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
         self._http = HttpApi(self)
@@ -281,6 +280,15 @@ class Server:
         return self._http.port
 
     # -- calls ---------------------------------------------------------------------------------
+
+    def call_id_used(self, call_id: str) -> bool:
+        """Whether a call with this id is open or ended recently (a reuse is refused)."""
+        return call_id in self.calls or call_id in self._ended_ids
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed: drop it, and wake whoever waits for the server to go idle."""
+        self.connections.discard(conn)
+        self._changed.set()
 
     def admit(self, host: str) -> str | None:
         """None when a new connection may proceed, else why it is refused."""
@@ -415,9 +423,9 @@ class Server:
 
     def _vad_done(self, future: asyncio.Future[list[tuple[Call, Any]]]) -> None:
         self._vad_pass_running = None
-        for conn in list(self._paused):
+        for conn in list(self.paused_for_vad):
             if conn.call is None or conn.call.vad_backlog_seconds < VAD_BACKLOG_SECONDS / 2:
-                self._paused.discard(conn)
+                self.paused_for_vad.discard(conn)
                 if not conn.closed and conn.transport is not None:
                     conn.transport.resume_reading()
         if future.exception() is not None:
