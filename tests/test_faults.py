@@ -404,3 +404,33 @@ async def test_disk_full_mid_call_keeps_live_transcription(settings_env, tiny_di
     with wave.open(str(recording_path(settings, call_id))) as w:
         recorded = w.readframes(w.getnframes())
     assert 0 < len(recorded) < len(call.pcm) and call.pcm.startswith(recorded)
+
+
+async def test_secrets_in_urls_never_reach_the_logs(settings_env):
+    """Redis and Postgres both unreachable at start, with passwords in their URLs: the server
+    still starts degraded (taking calls, spooling), and no log line carries a password."""
+    asp, hp = free_port(), free_port()
+    env = {
+        **settings_env,
+        "AUDIOSOCKET_PORT": str(asp),
+        "HTTP_PORT": str(hp),
+        "DEFAULT_PROCESSING_MODE": "postcall_only",
+        "REDIS_URL": f"redis://:redis-s3cret@127.0.0.1:{free_port()}/0",
+        "DATABASE_URL": f"postgresql://streamsrv:pg-s3cret@127.0.0.1:{free_port()}/streamsrv",
+    }
+    proc = serve(env)
+    try:
+        await wait_healthy(hp)
+        status, body = await get(hp, "/health")
+        call = corpus.build_call(corpus.pick_prompts(1, 99), pause=0.5)
+        await play_call("127.0.0.1", asp, call.pcm, speed=8)
+        await asyncio.sleep(1.5)  # a retry or two of both
+    finally:
+        proc.terminate()
+        _, stderr = await asyncio.to_thread(proc.communicate, None, 30)
+    health = json.loads(body)
+    assert status == 200  # still taking calls
+    assert (health["status"], health["redis"], health["postgres"]) == ("degraded", "down", "down")
+    logs = stderr.decode()
+    assert "redis_down" in logs and "postgres_unavailable" in logs
+    assert "s3cret" not in logs
