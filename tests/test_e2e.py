@@ -257,3 +257,24 @@ async def test_protocol_violation_ends_only_that_call_and_keeps_its_audio(
     finally:
         await conn.close()
     assert job is not None and job["status"] == "queued"
+
+
+@pytest.mark.parametrize("language", ["auto", "sw"])
+async def test_multilingual_model_detects_or_follows_the_language(settings_env, language):
+    """With a multilingual model (the bundled base), LANGUAGE=auto detects each call's language
+    and LANGUAGE=sw decodes in Swahili whatever is spoken."""
+    settings = make_settings(settings_env, REALTIME_WHISPER_MODEL="base", LANGUAGE=language)
+    call = corpus.build_call(corpus.pick_prompts(2, 23), pause=0.8)
+    call_id = str(uuid.uuid4())
+    async with running_server(settings) as server, Collector(settings) as collected:
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
+        await collected.wait_ended([call_id])
+    messages = collected.by_call[call_id]
+    check_order(messages, call_id)
+    finals = [m for m in messages if m["type"] == "final"]
+    assert len(finals) == len(call.utterances)
+    expected = "en" if language == "auto" else "sw"
+    assert {f["language"] for f in finals} == {expected}
+    if language == "auto":
+        text = " ".join(f["text"] for f in finals)
+        assert corpus_wer([(call.reference, text)]) < 0.2, text
