@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis
 
 from streamsrv.config import Settings
@@ -84,3 +86,31 @@ def recording_path(settings: Settings, call_id: str) -> Path:
     found = list(Path(settings.recordings_dir).rglob(f"{call_id}.wav"))
     assert len(found) == 1, found
     return found[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    """GET from a server's HTTP port on loopback: (status, body)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def wait_healthy(port: int) -> None:
+    """Until a server process started elsewhere answers /health with 200 (30 s at most)."""
+    for _ in range(300):
+        try:
+            status, _ = await get(port, "/health")
+            if status == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("server did not become healthy")

@@ -15,7 +15,6 @@ import wave
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
@@ -23,9 +22,16 @@ import redis.asyncio as aioredis
 from streamsrv import corpus
 from streamsrv.simulate import play_call
 from tests.conftest import SERVICES_SH, read_env_file
-from tests.e2e import Collector, make_settings, recording_path, running_server
+from tests.e2e import (
+    Collector,
+    free_port,
+    get,
+    make_settings,
+    recording_path,
+    running_server,
+    wait_healthy,
+)
 from tests.test_e2e import check_order
-from tests.test_server import free_port, get
 
 pytestmark = pytest.mark.e2e
 
@@ -240,18 +246,6 @@ def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-
-
-async def wait_healthy(port: int) -> None:
-    for _ in range(300):
-        try:
-            status, _ = await get(port, "/health")
-            if status == 200:
-                return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("server did not become healthy")
 
 
 async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, database_url):

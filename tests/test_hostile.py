@@ -17,7 +17,6 @@ import uuid
 import wave
 from typing import Any
 
-import aiohttp
 import asyncpg
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ from streamsrv import call as call_module
 from streamsrv import corpus
 from streamsrv import server as server_module
 from streamsrv.simulate import play_call
-from tests.e2e import Collector, make_settings, recording_path, running_server
+from tests.e2e import Collector, get, make_settings, recording_path, running_server
 from tests.serverproc import process_env, server_process
 
 pytestmark = pytest.mark.e2e
@@ -48,14 +47,6 @@ def audio_frames(pcm: bytes, kind: int = aso.Kind.AUDIO_8K) -> bytes:
 
 def call_id_message(call_id: str) -> bytes:
     return aso.encode(aso.CallId(call_id))
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.get(f"http://127.0.0.1:{port}{path}") as response,
-    ):
-        return response.status, await response.text()
 
 
 async def metrics(port: int) -> str:

@@ -6,34 +6,26 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import uuid
 import wave
 
-import aiohttp
 import asyncpg
 import pytest
 
 from streamsrv import corpus
 from streamsrv.simulate import play_call
-from tests.e2e import Collector, make_settings, recording_path, running_server
+from tests.e2e import (
+    Collector,
+    free_port,
+    get,
+    make_settings,
+    recording_path,
+    running_server,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}{path}") as response,
-    ):
-        return response.status, await response.text()
 
 
 def metric(text: str, name: str) -> float:
@@ -127,14 +119,7 @@ async def test_sigterm_drains_open_calls_then_exits_zero(settings_env, database_
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        for _ in range(300):
-            try:
-                status, _ = await get(hp, "/health")
-                if status == 200:
-                    break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
+        await wait_healthy(hp)
         call = corpus.build_call(corpus.pick_prompts(3, 43), pause=0.8)
         call_id = str(uuid.uuid4())
         async with Collector(settings) as collected:
