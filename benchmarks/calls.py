@@ -67,7 +67,7 @@ def speech_span(pcm: bytes, start: float, end: float) -> tuple[float, float]:
 def build_bench_call(seed: int, seconds: float, pause: float = 1.0) -> BenchCall:
     """Corpus prompts in a seed-dependent order with `pause` s between them, until about
     `seconds` of audio."""
-    names = corpus.pick_prompts(len(corpus_candidates()), seed)
+    names = corpus.pick_prompts(len(corpus.spoken_prompts()), seed)
     chosen: list[str] = []
     total = pause
     for name in names:
@@ -80,10 +80,6 @@ def build_bench_call(seed: int, seconds: float, pause: float = 1.0) -> BenchCall
         RefUtterance(u.text, *speech_span(call.pcm, u.start, u.end)) for u in call.utterances
     ]
     return BenchCall(seed, chosen, call.pcm, utterances)
-
-
-def corpus_candidates() -> list[str]:
-    return [n for n, t in corpus.texts().items() if 4 <= len(t.split()) <= 30]
 
 
 def synthetic_pcm(seconds: float, seed: int) -> bytes:

@@ -94,9 +94,12 @@ def build_call(
     return RecordedCall(np.clip(pcm, -32768, 32767).astype("<i2").tobytes(), utterances)
 
 
+def spoken_prompts(min_words: int = 4, max_words: int = 30) -> list[str]:
+    """Prompts of a useful length for calls, in the order of the texts file."""
+    return [name for name, text in texts().items() if min_words <= len(text.split()) <= max_words]
+
+
 def pick_prompts(count: int, seed: int, min_words: int = 4, max_words: int = 30) -> list[str]:
     """A reproducible choice of spoken prompts of a useful length."""
-    candidates = sorted(
-        name for name, text in texts().items() if min_words <= len(text.split()) <= max_words
-    )
+    candidates = sorted(spoken_prompts(min_words, max_words))
     return random.Random(seed).sample(candidates, count)
