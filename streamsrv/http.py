@@ -77,11 +77,8 @@ class HttpApi:
         return web.json_response(body, status=200 if server.accepting else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        server = self.server
-        if server.executor is not None:
-            server.metrics.queue_length.set(server.executor.queued)
         return web.Response(
-            body=server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=self.server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def process_audio(self, request: web.Request) -> web.Response:

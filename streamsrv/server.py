@@ -251,6 +251,8 @@ class Server:
             observer=self.metrics.observe_batch,
         )
         self.executor.start()
+        executor = self.executor
+        self.metrics.queue_length.set_function(lambda: executor.queued)  # read at each scrape
         self.model_name = f"{name} ({device}, {s.realtime_whisper_compute_type})"
         self.model_status = "ok"
         log.info(
@@ -369,8 +371,6 @@ class Server:
 
     def _tick(self, now: float) -> None:
         self.recorder.hand_over()
-        if self.executor is not None:
-            self.metrics.queue_length.set(self.executor.queued)
         if now - self._last_sweep >= 1.0:
             self._last_sweep = now
             self._sweep(now)
