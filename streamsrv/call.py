@@ -89,6 +89,7 @@ class _Track:
     last_partial_end: int = 0
     open_number: int | None = None
     open_text: str = ""
+    last_final: tuple[Segment, str] | None = None  # the latest final, when it had text
 
 
 def pcm_of(kind: int, payload: bytes, format_0x10: str) -> tuple[int, bytes, bool]:
@@ -280,11 +281,31 @@ class Call:
             language=self.language,
             prompt=self._prompt(),
         )
+        context = self._final_context(track, segment)
+        if context is not None:
+            start, request.prefix = context
+            request.audio = track.ring.read(start, segment.end)
+            request.context = segment.start - start
         future = self.s.executor.submit(request, priority=0, key="final")
         track.finals.append(_PendingFinal(segment, future, track.open_number, track.open_text))
         track.open_number, track.open_text = None, ""
         track.last_partial_end = segment.end
         future.add_done_callback(lambda _: self._publish_finals(track))
+
+    def _final_context(self, track: _Track, segment: Segment) -> tuple[int, str] | None:
+        """Where this segment's window may start and the text said from there: the previous
+        segment, when its final is in (none pending) with text, its audio is still held, and
+        both fit in MIN_WINDOW_SECONDS, the length every window is padded to anyway, so the
+        context costs no encoder time. One segment only: with more, the small models were
+        seen to stop early or repeat the prefix."""
+        last = track.last_final
+        if not self.settings.final_context or last is None or track.finals:
+            return None
+        before, text = last
+        limit = segment.end - int(self.settings.min_window_seconds * MODEL_RATE)
+        if before.start < max(limit, track.ring.start):
+            return None
+        return before.start, text
 
     def _maybe_partial(self, track: _Track) -> None:
         start = track.segmenter.open_start
@@ -369,6 +390,7 @@ class Call:
                 result = future.result()
                 self._learn_language(result)
             text = result.text if result is not None else ""
+            track.last_final = (pending.segment, text) if text else None
             number = pending.number
             if number is None:
                 if not text:

@@ -136,12 +136,14 @@ class Settings:
     language: str = _var("LANGUAGE", "auto")
     final_beam_size: int | None = _var("FINAL_BEAM_SIZE", None, _optional_int)
     condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
+    final_context: bool = _var("FINAL_CONTEXT", True, _bool)
     vad_threshold: float = _var("VAD_THRESHOLD", 0.5, float)
     vad_min_silence_ms: int = _var("VAD_MIN_SILENCE_MS", 500, int)
     vad_speech_pad_ms: int = _var("VAD_SPEECH_PAD_MS", 200, int)
     vad_min_speech_ms: int = _var("VAD_MIN_SPEECH_MS", 200, int)
     max_segment_seconds: float = _var("MAX_SEGMENT_SECONDS", 20.0, float)
     min_window_seconds: float = _var("MIN_WINDOW_SECONDS", 15.0, float)
+    partial_window_seconds: float = _var("PARTIAL_WINDOW_SECONDS", 8.0, float)
     no_speech_threshold: float = _var("NO_SPEECH_THRESHOLD", 0.6, float)
     log_prob_threshold: float = _var("LOG_PROB_THRESHOLD", -1.0, float)
     compression_ratio_threshold: float = _var("COMPRESSION_RATIO_THRESHOLD", 2.4, float)
@@ -209,6 +211,10 @@ class Settings:
         need(
             1 <= self.min_window_seconds <= 30,
             "MIN_WINDOW_SECONDS: between 1 and 30",
+        )
+        need(
+            1 <= self.partial_window_seconds <= 30,
+            "PARTIAL_WINDOW_SECONDS: between 1 and 30",
         )
         need(self.drain_timeout >= 0, "DRAIN_TIMEOUT: must not be negative")
         need(self.max_calls >= 1, "MAX_CALLS: at least 1")

@@ -1,10 +1,14 @@
 """Whisper on CTranslate2, run as one batch over windows from many calls.
 
 Each request is one call's window: the audio of one speech segment (never more than
-MAX_SEGMENT_SECONDS) plus the call's recent final text as the prompt. The window is padded with
-silence to MIN_WINDOW_SECONDS at least, rounded up to whole seconds, and every window of a
-batch to the longest: the encoder's cost follows the window length, so short segments do not
-pay for 30 s. Partials decode greedily; finals with FINAL_BEAM_SIZE and word timestamps.
+MAX_SEGMENT_SECONDS), for a final optionally led by the call's previous segment as context.
+Context audio comes with its final text as the decoder's prefix: the model hears the segment as
+in a window of a whole recording, after what was just said, and writes on from the known text;
+only the new tokens are kept, and their word times are shifted past the context. The window is
+padded with silence to MIN_WINDOW_SECONDS at least (PARTIAL_WINDOW_SECONDS for partials),
+rounded up to whole seconds, and every window of a batch to the longest: the encoder's cost
+follows the window length, so short segments do not pay for 30 s. Partials decode greedily;
+finals with FINAL_BEAM_SIZE and word timestamps.
 
 Hallucination guards, as in Whisper's own transcribe(): a window whose no-speech probability is
 high and whose text is unlikely is silence; a window whose text compresses too well is a loop.
@@ -14,8 +18,9 @@ Both give empty text. The VAD upstream already keeps silence and line noise away
 from __future__ import annotations
 
 import math
+import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +48,8 @@ class AsrRequest:
     final: bool
     language: str | None  # None: detect
     prompt: str = ""
+    prefix: str = ""  # the final text of `context`
+    context: int = 0  # samples at the start of `audio` already transcribed as `prefix`
 
 
 @dataclass(slots=True)
@@ -53,6 +60,13 @@ class AsrResult:
     no_speech_prob: float
     compression_ratio: float
     words: list[Word] = field(default_factory=list)
+
+
+def _starts_with(text: str, prefix: str) -> bool:
+    """Whether `text` begins with what `prefix` says, case, spaces and punctuation aside
+    ("Good bye, agent" begins with "Goodbye")."""
+    said, start = ("".join(re.findall(r"\w+", t.lower())) for t in (text, prefix))
+    return bool(start) and said.startswith(start)
 
 
 def compression_ratio(text: str) -> float:
@@ -95,7 +109,10 @@ class WhisperRunner:
         was trained (the padding shares the window's normalisation), to one length."""
         extractor = self.model.feature_extractor
         longest = max(len(req.audio) for req in batch)
-        seconds = max(self.settings.min_window_seconds, math.ceil(longest / SAMPLE_RATE))
+        shortest = self.settings.min_window_seconds
+        if not batch[0].final:
+            shortest = self.settings.partial_window_seconds
+        seconds = max(shortest, math.ceil(longest / SAMPLE_RATE))
         samples = int(min(30, seconds) * SAMPLE_RATE)
         frames = samples // extractor.hop_length
         out = np.empty((len(batch), extractor.mel_filters.shape[0], frames), dtype=np.float32)
@@ -117,12 +134,15 @@ class WhisperRunner:
                     languages[i] = ranked[0][0][2:-2]
         return [lang or "en" for lang in languages]
 
-    def _prompts(self, tokenizers: list[Any], batch: list[AsrRequest]) -> list[list[int]]:
-        """Start sequences with each call's recent text as the previous-text prompt.
+    def _prompts(
+        self, tokenizers: list[Any], batch: list[AsrRequest], prefixes: list[list[int]]
+    ) -> list[list[int]]:
+        """Start sequences: each call's recent text as the previous-text prompt, then the
+        start of transcript, then the context's text as the prefix to write on from.
 
         CTranslate2 needs the start-of-transcript token at one position for the whole batch,
         so every prompt keeps the same number of its most recent tokens (none if any call has
-        no text yet)."""
+        no text yet); prefixes may differ in length."""
         texts = [
             tok.encode(" " + req.prompt.strip()) if req.prompt.strip() else []
             for tok, req in zip(tokenizers, batch, strict=True)
@@ -133,8 +153,9 @@ class WhisperRunner:
                 *([tok.sot_prev, *text[len(text) - keep :]] if keep else []),
                 *tok.sot_sequence,
                 tok.no_timestamps,
+                *prefix,
             ]
-            for tok, text in zip(tokenizers, texts, strict=True)
+            for tok, text, prefix in zip(tokenizers, texts, prefixes, strict=True)
         ]
 
     def run_batch(self, batch: list[AsrRequest]) -> list[AsrResult]:
@@ -147,10 +168,14 @@ class WhisperRunner:
         )
         languages = self._languages(batch, encoded)
         tokenizers = [self.tokenizer(lang) for lang in languages]
+        prefixes = [
+            tok.encode(" " + req.prefix.strip()) if req.context and req.prefix.strip() else []
+            for tok, req in zip(tokenizers, batch, strict=True)
+        ]
         final = batch[0].final
         results = self.model.model.generate(
             encoded,
-            self._prompts(tokenizers, batch),
+            self._prompts(tokenizers, batch, prefixes),
             beam_size=self.final_beam if final else 1,
             max_length=224,
             return_scores=True,
@@ -160,8 +185,9 @@ class WhisperRunner:
         )
         out: list[AsrResult] = []
         token_lists: list[list[int]] = []
-        for tok, lang, result in zip(tokenizers, languages, results, strict=True):
-            tokens = [t for t in result.sequences_ids[0] if t < tok.eot]
+        for tok, lang, result, prefix in zip(tokenizers, languages, results, prefixes, strict=True):
+            # CTranslate2 returns the prefix with what it wrote after it
+            tokens = [t for t in result.sequences_ids[0][len(prefix) :] if t < tok.eot]
             text = tok.decode(tokens).strip()
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             ratio = compression_ratio(text)
@@ -175,24 +201,57 @@ class WhisperRunner:
             out.append(AsrResult(text, lang, avg_logprob, result.no_speech_prob, ratio))
             token_lists.append(tokens)
         if final:
-            self._add_words(tokenizers[0], token_lists, encoded, frames, out)
+            self._add_words(tokenizers[0], batch, prefixes, token_lists, encoded, frames, out)
+        return self._without_context_where_failed(batch, prefixes, out)
+
+    def _without_context_where_failed(
+        self, batch: list[AsrRequest], prefixes: list[list[int]], out: list[AsrResult]
+    ) -> list[AsrResult]:
+        """Small models sometimes take the prefix for all they heard and write nothing, or
+        write the prefix again: such a segment is run again alone, without its context."""
+        again = [
+            i
+            for i, (req, prefix, result) in enumerate(zip(batch, prefixes, out, strict=True))
+            if prefix and (not result.text or _starts_with(result.text, req.prefix))
+        ]
+        if again:
+            alone = [
+                replace(batch[i], audio=batch[i].audio[batch[i].context :], prefix="", context=0)
+                for i in again
+            ]
+            for i, result in zip(again, self.run_batch(alone), strict=True):
+                out[i] = result
         return out
 
     def _add_words(
         self,
         tokenizer: Any,
+        batch: list[AsrRequest],
+        prefixes: list[list[int]],
         token_lists: list[list[int]],
         encoded: Any,
         frames: list[int],
         out: list[AsrResult],
     ) -> None:
+        """Word times from cross-attention alignment, relative to the segment's start: the
+        prefix is aligned too (it shapes where the new words fall) and then left out."""
         if not any(token_lists):
             return
-        alignments = self.model.find_alignment(tokenizer, token_lists, encoded, frames)
-        for result, aligned in zip(out, alignments, strict=True):
+        texts = [
+            [*prefix, *tokens] if tokens else []
+            for prefix, tokens in zip(prefixes, token_lists, strict=True)
+        ]
+        aligned_lists = self.model.find_alignment(tokenizer, texts, encoded, frames)
+        for req, prefix, result, aligned in zip(batch, prefixes, out, aligned_lists, strict=True):
+            shift = req.context / SAMPLE_RATE if prefix else 0.0
             words: list[Word] = []
+            consumed = 0
             for w in aligned:
+                in_prefix = consumed < len(prefix)
+                consumed += len(w["tokens"])
                 text = w["word"].strip()
+                if in_prefix:
+                    continue
                 if words and (not text or all(not ch.isalnum() for ch in text)):
                     last = words[-1]  # punctuation belongs to the word before it
                     words[-1] = Word(last.word + text, last.start, last.end, last.probability)
@@ -200,8 +259,8 @@ class WhisperRunner:
                     words.append(
                         Word(
                             text,
-                            round(float(w["start"]), 2),
-                            round(float(w["end"]), 2),
+                            round(max(0.0, float(w["start"]) - shift), 2),
+                            round(max(0.0, float(w["end"]) - shift), 2),
                             round(float(w["probability"]), 3),
                         )
                     )

@@ -1,0 +1,95 @@
+"""WhisperRunner on the real bundled tiny.en model and real corpus prompts: finals led by the
+previous segment as context keep only the new words, with times from the segment's start, and
+a context the model misreads is dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+
+from streamsrv import corpus
+from streamsrv.asr.models import resolve_model
+from streamsrv.asr.whisper import AsrRequest, WhisperRunner, _starts_with
+from streamsrv.config import Settings
+from streamsrv.wer import normalise, wer
+
+RATE = 16000
+FIRST, SECOND = "vm-goodbye", "agent-loginok"
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir: Path) -> WhisperRunner:
+    settings = Settings(model_dir=model_dir, cpu_workers=1)
+    return WhisperRunner(str(resolve_model("tiny.en", model_dir)), "cpu", "int8", settings)
+
+
+def prompt_audio(name: str) -> np.ndarray:
+    pcm = np.frombuffer(corpus.read_prompt(name), dtype="<i2").astype(np.float32) / 32768
+    return soxr.resample(pcm, corpus.RATE, RATE).astype(np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * RATE), dtype=np.float32)
+
+
+def test_starts_with_ignores_case_and_punctuation() -> None:
+    assert _starts_with("Goodbye! Agent logged in.", "goodbye")
+    assert _starts_with("Good bye Agent logged in.", "Goodbye")
+    assert not _starts_with("Agent logged in.", "Goodbye.")
+    assert not _starts_with("Agent logged in.", "")
+
+
+def test_a_final_with_context_keeps_only_the_new_words(runner: WhisperRunner) -> None:
+    texts = corpus.texts()
+    first = np.concatenate([silence(0.2), prompt_audio(FIRST), silence(0.6)])
+    second = np.concatenate([silence(0.2), prompt_audio(SECOND), silence(0.2)])
+    alone = runner.run_batch([AsrRequest("c", second, True, "en")])[0]
+    led = AsrRequest(
+        "c",
+        np.concatenate([first, second]),
+        True,
+        "en",
+        prefix=texts[FIRST],
+        context=len(first),
+    )
+    [result] = runner.run_batch([led])
+    assert wer(texts[SECOND], result.text) <= wer(texts[SECOND], alone.text) + 0.1
+    assert normalise(result.text) == normalise(" ".join(w.word for w in result.words))
+    assert not _starts_with(result.text, texts[FIRST])
+    # word times count from the segment's own start, not the window's
+    seconds = len(second) / RATE
+    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
+    assert result.words[0].start < 1.0
+
+
+def test_a_context_that_swallows_the_segment_is_dropped(runner: WhisperRunner) -> None:
+    """A prefix that already says everything leaves the model nothing new to write (tiny.en
+    writes it all again): the segment is transcribed again alone rather than lost or doubled."""
+    texts = corpus.texts()
+    first = np.concatenate([silence(0.2), prompt_audio(FIRST), silence(0.6)])
+    second = np.concatenate([silence(0.2), prompt_audio(SECOND), silence(0.2)])
+    swallowing = AsrRequest(
+        "c",
+        np.concatenate([first, second]),
+        True,
+        "en",
+        prefix=f"{texts[FIRST]} {texts[SECOND]}",
+        context=len(first),
+    )
+    [result] = runner.run_batch([swallowing])
+    assert wer(texts[SECOND], result.text) < 0.3
+    assert result.words
+
+
+def test_partials_and_finals_are_padded_to_their_own_window(runner: WhisperRunner) -> None:
+    """The encoder's cost follows the window: a 2 s segment costs PARTIAL_WINDOW_SECONDS (8)
+    as a partial and MIN_WINDOW_SECONDS (15) as a final; a longer one is not cut."""
+    short, long = silence(2.0), silence(11.3)
+    for final, seconds in ((False, 8), (True, 15)):
+        features, frames = runner._features([AsrRequest("c", short, final, "en")])
+        assert features.shape[-1] == seconds * 100 and frames == [200]
+    features, _ = runner._features([AsrRequest("c", long, False, "en")] * 2)
+    assert features.shape[0] == 2 and features.shape[-1] == 1200
