@@ -2,7 +2,9 @@
 
 asterisk-core-sounds-en-wav ships the prompts (8 kHz 16-bit WAV); asterisk-core-sounds-en ships
 their texts. Joined with pauses between them they make calls whose every word is known: the
-demo, the end-to-end tests and the benchmarks are built from them.
+demo, the end-to-end tests and the benchmarks are built from them. The same prompts exist in
+Spanish (asterisk-core-sounds-es{,-wav}), under the same names: the post-call translation is
+tested on them, against the English texts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-SOUNDS_DIR = Path("/usr/share/asterisk/sounds/en")
-TEXTS_FILE = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 RATE = 8000
-PACKAGES = "asterisk-core-sounds-en-wav asterisk-core-sounds-en"
+
+
+def sounds_dir(language: str = "en") -> Path:
+    return Path("/usr/share/asterisk/sounds") / language
+
+
+def texts_file(language: str = "en") -> Path:
+    return Path(f"/usr/share/doc/asterisk-core-sounds-{language}/core-sounds-{language}.txt.gz")
+
+
+def packages(language: str = "en") -> str:
+    return f"asterisk-core-sounds-{language}-wav asterisk-core-sounds-{language}"
 
 
 class CorpusMissing(RuntimeError):
@@ -45,44 +56,45 @@ class RecordedCall:
         return " ".join(u.text for u in self.utterances)
 
 
-def texts() -> dict[str, str]:
+def texts(language: str = "en") -> dict[str, str]:
     """Prompt name -> spoken text, for the prompts that are speech and have a WAV file."""
-    if not TEXTS_FILE.exists() or not SOUNDS_DIR.is_dir():
-        raise CorpusMissing(f"install the Debian packages {PACKAGES}")
+    sounds, file = sounds_dir(language), texts_file(language)
+    if not file.exists() or not sounds.is_dir():
+        raise CorpusMissing(f"install the Debian packages {packages(language)}")
     out: dict[str, str] = {}
-    with gzip.open(TEXTS_FILE, "rt", encoding="utf-8", errors="replace") as lines:
+    with gzip.open(file, "rt", encoding="utf-8", errors="replace") as lines:
         entries = [line.partition(":") for line in lines if not line.startswith(";")]
     for name, sep, text in entries:
         text = text.strip()
         if not sep or "/" in name or not text or text.startswith("["):
             continue
-        if (SOUNDS_DIR / f"{name.strip()}.wav").exists():
+        if (sounds / f"{name.strip()}.wav").exists():
             out[name.strip()] = text
     return out
 
 
-def read_prompt(name: str) -> bytes:
-    with wave.open(str(SOUNDS_DIR / f"{name}.wav"), "rb") as w:
+def read_prompt(name: str, language: str = "en") -> bytes:
+    with wave.open(str(sounds_dir(language) / f"{name}.wav"), "rb") as w:
         if w.getframerate() != RATE or w.getsampwidth() != 2 or w.getnchannels() != 1:
             raise CorpusMissing(f"{name}.wav is not 8 kHz 16-bit mono")
         return w.readframes(w.getnframes())
 
 
 def build_call(
-    names: list[str], pause: float = 1.0, noise: float = 0.0, seed: int = 0
+    names: list[str], pause: float = 1.0, noise: float = 0.0, seed: int = 0, language: str = "en"
 ) -> RecordedCall:
     """Prompts one after another with `pause` seconds between them (and before the first),
     optionally over low line noise of the given RMS (in 16-bit units)."""
     import numpy as np
 
-    all_texts = texts()
+    all_texts = texts(language)
     rng = np.random.default_rng(seed)
     gap = np.zeros(int(pause * RATE), dtype=np.int16)
     parts: list[np.ndarray] = [gap]
     utterances = []
     position = len(gap)
     for name in names:
-        audio = np.frombuffer(read_prompt(name), dtype="<i2")
+        audio = np.frombuffer(read_prompt(name, language), dtype="<i2")
         utterances.append(
             Utterance(name, all_texts[name], position / RATE, (position + len(audio)) / RATE)
         )

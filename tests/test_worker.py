@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from streamsrv import corpus
 from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.queue import JobQueue
-from streamsrv.postcall.transcribe import Outcome
+from streamsrv.postcall.transcribe import Outcome, PostcallModel
 from streamsrv.postcall.worker import Worker, abandoned_jobs
 from streamsrv.wer import wer
 from tests.e2e import make_settings
@@ -320,3 +321,24 @@ async def test_a_second_stop_gives_the_running_job_back(
     job = await conn.fetchrow("select * from postcall_jobs where id = $1", job_id)
     assert (job["status"], job["attempts"], job["lease_expires_at"]) == ("queued", 0, None)
     assert await conn.fetchval("select count(*) from postcall_results") == 0
+
+
+def test_a_spanish_call_is_transcribed_in_spanish_and_translated(model_dir: Path) -> None:
+    """The same Asterisk prompts recorded in Spanish: the language is detected, the transcript
+    is Spanish, and with INCLUDE_TRANSLATION Whisper's translate task gives English, scored
+    against the English texts of the same prompts."""
+    spanish, english = corpus.texts("es"), corpus.texts("en")
+    both = sorted(
+        name for name in spanish if name in english and 5 <= len(english[name].split()) <= 20
+    )
+    names = random.Random(3).sample(both, 4)
+    call = corpus.build_call(names, pause=1.0, language="es")
+    settings = Settings(model_dir=model_dir, whisper_device="cpu", include_translation=True)
+    out = PostcallModel(settings).process(wav_bytes(call.pcm, corpus.RATE), None)
+
+    assert out.language == "es"
+    assert wer(call.reference, out.transcript) < 0.35, out.transcript
+    reference = " ".join(english[name] for name in names)
+    assert out.translation is not None
+    assert wer(reference, out.translation) < 0.8, out.translation
+    assert wer(reference, out.translation) < wer(reference, out.transcript) - 0.3
