@@ -24,7 +24,9 @@ from streamsrv.systemd import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "streamsrv.service"
-EXEC_START = "ExecStart=/opt/streamsrv/.venv/bin/streamsrv serve"
+WORKER_UNIT = ROOT / "systemd" / "streamsrv-worker.service"
+BINARY = "/opt/streamsrv/.venv/bin/streamsrv"
+EXEC_START = f"ExecStart={BINARY} serve"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 
 
@@ -235,11 +237,11 @@ def _supports_recursive_errors(analyze: str) -> bool:
     return match is not None and int(match.group(1)) >= 250
 
 
-def _testable_copy(text: str, directory: Path) -> Path:
+def _testable_copy(text: str, directory: Path, name: str = UNIT.name) -> Path:
     """The unit with only ExecStart's binary replaced by one that exists (verify checks it)."""
-    assert text.count(EXEC_START + "\n") == 1
-    copy = directory / UNIT.name  # same unit name: verify derives it from the file name
-    copy.write_text(text.replace(EXEC_START, f"ExecStart={sys.executable} serve"))
+    assert text.count(f"ExecStart={BINARY} ") == 1
+    copy = directory / name  # same unit name: verify derives it from the file name
+    copy.write_text(text.replace(f"ExecStart={BINARY} ", f"ExecStart={sys.executable} "))
     return copy
 
 
@@ -266,9 +268,22 @@ def _verify_problems(unit: Path) -> list[str]:
     return problems
 
 
-def test_unit_file_verifies_cleanly(tmp_path: Path) -> None:
-    unit = _testable_copy(UNIT.read_text(), tmp_path)
-    assert _verify_problems(unit) == []
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=lambda unit: unit.name)
+def test_unit_files_verify_cleanly(tmp_path: Path, unit: Path) -> None:
+    copy = _testable_copy(unit.read_text(), tmp_path, unit.name)
+    assert _verify_problems(copy) == []
+
+
+def test_the_worker_unit_runs_the_worker_as_the_server_runs() -> None:
+    """Same user, environment file, working directory and sandbox as the server (it reads the
+    server's recordings); a stop lets running jobs finish."""
+    server, worker = _settings(UNIT.read_text()), _settings(WORKER_UNIT.read_text())
+    assert worker["ExecStart"] == [f"{BINARY} worker"]
+    for key in ("EnvironmentFile", "WorkingDirectory", "User", "Group", "ReadWritePaths"):
+        assert worker[key] == server[key], key
+    sandbox = {k: v for k, v in server.items() if k.startswith(("Protect", "Restrict", "Private"))}
+    assert {k: worker.get(k) for k in sandbox} == sandbox
+    assert worker["KillSignal"] == ["SIGTERM"] and int(worker["TimeoutStopSec"][0]) >= 300
 
 
 @pytest.mark.parametrize(
