@@ -148,7 +148,9 @@ def model_settings(settings: Settings) -> str:
         f"FINAL_BEAM_SIZE={settings.final_beam(device)}, "
         f"CPU_THREADS={settings.cpu_threads}, MAX_BATCH_SIZE={settings.max_batch_size}, "
         f"PARTIAL_INTERVAL={settings.partial_interval}, "
-        f"MIN_WINDOW_SECONDS={settings.min_window_seconds}"
+        f"MIN_WINDOW_SECONDS={settings.min_window_seconds}, "
+        f"PARTIAL_WINDOW_SECONDS={settings.partial_window_seconds}, "
+        f"FINAL_CONTEXT={str(settings.final_context).lower()}"
     )
 
 
