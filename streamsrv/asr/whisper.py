@@ -31,6 +31,7 @@ from streamsrv.config import Settings
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100
 MAX_PROMPT_TOKENS = 100
+MIN_CONTEXT_WORDS = 4  # shorter new text from a window with context is checked alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +63,19 @@ class AsrResult:
     words: list[Word] = field(default_factory=list)
 
 
-def _starts_with(text: str, prefix: str) -> bool:
-    """Whether `text` begins with what `prefix` says, case, spaces and punctuation aside
-    ("Good bye, agent" begins with "Goodbye")."""
-    said, start = ("".join(re.findall(r"\w+", t.lower())) for t in (text, prefix))
-    return bool(start) and said.startswith(start)
+def _context_failed(text: str, prefix: str) -> bool:
+    """Whether a window led by `prefix` produced something other than new speech.
+
+    With the previous segment in the window, tiny.en was seen to write nothing after the
+    prefix, to write the prefix (or its end) again, and, on a tone or noise burst that VAD let
+    through, to write punctuation or a few words where the segment alone gives nothing (its
+    no-speech check cannot work there: the window starts with speech). So the context is
+    trusted only for new text of four words or more, most of them not in the prefix."""
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < MIN_CONTEXT_WORDS:
+        return True
+    said = set(re.findall(r"\w+", prefix.lower()))
+    return 2 * sum(word in said for word in words) >= len(words)
 
 
 def compression_ratio(text: str) -> float:
@@ -207,12 +216,12 @@ class WhisperRunner:
     def _without_context_where_failed(
         self, batch: list[AsrRequest], prefixes: list[list[int]], out: list[AsrResult]
     ) -> list[AsrResult]:
-        """Small models sometimes take the prefix for all they heard and write nothing, or
-        write the prefix again: such a segment is run again alone, without its context."""
+        """A segment whose context misled the model (see _context_failed) is run again alone,
+        as it would be without FINAL_CONTEXT."""
         again = [
             i
             for i, (req, prefix, result) in enumerate(zip(batch, prefixes, out, strict=True))
-            if prefix and (not result.text or _starts_with(result.text, req.prefix))
+            if prefix and _context_failed(result.text, req.prefix)
         ]
         if again:
             alone = [
