@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import redis
 
 from streamsrv.config import Settings
@@ -103,14 +105,15 @@ async def get(port: int, path: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def wait_healthy(port: int) -> None:
-    """Until a server process started elsewhere answers /health with 200 (30 s at most)."""
-    for _ in range(300):
-        try:
-            status, _ = await get(port, "/health")
-            if status == 200:
-                return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("server did not become healthy")
+async def call_and_job(database_url: str, call_id: str) -> Any:
+    """The call's row joined with its post-call job: `status` (the call's), `id`, `job` (its
+    status) and `audio_path`; None if either is missing."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchrow(
+            "select c.status, j.id, j.status as job, j.audio_path from calls c"
+            " join postcall_jobs j using (call_id) where call_id = $1",
+            uuid.UUID(call_id),
+        )
+    finally:
+        await conn.close()

@@ -16,6 +16,9 @@ from typing import Any
 
 import aiohttp
 
+from streamsrv.config import Settings
+from tests.e2e import make_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,6 +29,7 @@ class ServerProcess:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []  # every line of stderr, as written
         self.logs: list[dict[str, Any]] = []  # every JSON line of stderr, in order
         self.other_lines: list[str] = []  # stderr lines that are not JSON (tracebacks, ...)
         self.audiosocket_port = 0
@@ -80,6 +84,7 @@ class ServerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
             text = line.decode(errors="replace").rstrip("\n")
+            self.lines.append(text)
             try:
                 event = json.loads(text)
             except ValueError:
@@ -93,6 +98,16 @@ class ServerProcess:
                 self.audiosocket_port = int(str(event["audiosocket"]).rsplit(":", 1)[1])
                 self.http_port = int(str(event["http"]).rsplit(":", 1)[1])
                 self._listening.set()
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, within: float) -> int:
+        """The exit status, once the process has ended by itself (TimeoutError after
+        `within` s)."""
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), within)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.logs if e.get("event") == name]
@@ -143,15 +158,20 @@ async def server_process(env: dict[str, str], within: float = 60.0) -> AsyncIter
             await server.stop()
 
 
-def process_env(settings_env: dict[str, str], prefix: str, **overrides: str) -> dict[str, str]:
-    """The environment of a server subprocess: this one's, the test's settings, ephemeral ports
-    (read back from the log), the test's Redis channel prefix, then `overrides`."""
-    return {
+def subprocess_settings(
+    settings_env: dict[str, str], **overrides: str
+) -> tuple[Settings, dict[str, str]]:
+    """One test's Settings (its own channel prefix) and the environment of a server subprocess
+    to match: this process's, the test's settings, ephemeral ports (read back from the log),
+    JSON logs, the same channel prefix, then `overrides` in both."""
+    settings = make_settings(settings_env, **overrides)
+    env = {
         **os.environ,
         **settings_env,
         "AUDIOSOCKET_PORT": "0",
         "HTTP_PORT": "0",
         "LOG_FORMAT": "json",
-        "REDIS_CHANNEL_PREFIX": prefix,
+        "REDIS_CHANNEL_PREFIX": settings.redis_channel_prefix,
         **overrides,
     }
+    return settings, env

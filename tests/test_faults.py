@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 import wave
 from pathlib import Path
@@ -24,13 +23,14 @@ from streamsrv.simulate import play_call
 from tests.conftest import SERVICES_SH, read_env_file
 from tests.e2e import (
     Collector,
+    call_and_job,
     free_port,
     get,
     make_settings,
     recording_path,
     running_server,
-    wait_healthy,
 )
+from tests.serverproc import server_process, subprocess_settings
 from tests.test_e2e import check_order
 
 pytestmark = pytest.mark.e2e
@@ -239,46 +239,22 @@ async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path):
         pg.purge()
 
 
-def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamsrv.cli", "serve"],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, database_url):
-    asp, hp = free_port(), free_port()
-    env = {
-        **settings_env,
-        "AUDIOSOCKET_PORT": str(asp),
-        "HTTP_PORT": str(hp),
-        "DEFAULT_PROCESSING_MODE": "postcall_only",
-    }
-    settings = make_settings(env)
-    env["REDIS_CHANNEL_PREFIX"] = settings.redis_channel_prefix
+    settings, env = subprocess_settings(settings_env, DEFAULT_PROCESSING_MODE="postcall_only")
     call = corpus.build_call(corpus.pick_prompts(6, 71), pause=1.0)
     call_id = str(uuid.uuid4())
-    proc = serve(env)
-    try:
-        await wait_healthy(hp)
+    async with server_process(env) as server:
         playing = asyncio.create_task(
-            play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=1)
+            play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=1)
         )
         await asyncio.sleep(3)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        server.send_signal(signal.SIGKILL)
+        await server.wait(10)
         with pytest.raises(OSError):
             await playing  # Asterisk sees the socket die
-        assert (settings.spool_dir / "open" / f"{call_id}.json").exists()
-        async with Collector(settings) as collected:
-            proc = serve(env)
-            await wait_healthy(hp)
-            await collected.wait_ended([call_id], within=20)
-    finally:
-        proc.terminate()
-        proc.wait()
+    assert (settings.spool_dir / "open" / f"{call_id}.json").exists()
+    async with Collector(settings) as collected, server_process(env):
+        await collected.wait_ended([call_id], within=20)
     ended = collected.by_call[call_id][-1]
     assert ended["reason"] == "interrupted"
     assert not (settings.spool_dir / "open" / f"{call_id}.json").exists()
@@ -286,15 +262,7 @@ async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, d
         recorded = w.readframes(w.getnframes())
     assert len(recorded) > 8000 * 2 * 1.5  # some seconds of audio reached the disk
     assert call.pcm.startswith(recorded)  # and it is exactly what was sent
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "select c.status, j.status as job, j.id from calls c join postcall_jobs j "
-            "using (call_id) where call_id = $1",
-            uuid.UUID(call_id),
-        )
-    finally:
-        await conn.close()
+    row = await call_and_job(database_url, call_id)
     assert row is not None and (row["status"], row["job"]) == ("interrupted", "queued")
     assert ended["job_id"] == row["id"]
 
@@ -318,47 +286,26 @@ async def test_unwritable_recordings_dir_keeps_live_transcription(settings_env, 
 
 
 async def test_drain_timeout_ends_calls_as_interrupted_still_recorded(settings_env, database_url):
-    asp, hp = free_port(), free_port()
-    env = {
-        **settings_env,
-        "AUDIOSOCKET_PORT": str(asp),
-        "HTTP_PORT": str(hp),
-        "DRAIN_TIMEOUT": "1",
-        "DEFAULT_PROCESSING_MODE": "postcall_only",
-    }
-    settings = make_settings(env)
-    env["REDIS_CHANNEL_PREFIX"] = settings.redis_channel_prefix
+    settings, env = subprocess_settings(
+        settings_env, DRAIN_TIMEOUT="1", DEFAULT_PROCESSING_MODE="postcall_only"
+    )
     call = corpus.build_call(corpus.pick_prompts(4, 91), pause=1.0)
     call_id = str(uuid.uuid4())
-    proc = serve(env)
-    try:
-        await wait_healthy(hp)
-        async with Collector(settings) as collected:
-            playing = asyncio.create_task(
-                play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=1)
-            )
-            await asyncio.sleep(2)
-            proc.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(proc.wait, 20)
-            await collected.wait_ended([call_id], within=10)
-            playing.cancel()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    async with server_process(env) as server, Collector(settings) as collected:
+        playing = asyncio.create_task(
+            play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=1)
+        )
+        await asyncio.sleep(2)
+        server.send_signal(signal.SIGTERM)
+        code = await server.wait(20)
+        await collected.wait_ended([call_id], within=10)
+        playing.cancel()
     assert code == 0
     assert collected.by_call[call_id][-1]["reason"] == "shutdown"
     with wave.open(str(recording_path(settings, call_id))) as w:
         recorded = w.readframes(w.getnframes())
     assert len(recorded) > 8000 * 2 * 2.5 and call.pcm.startswith(recorded)
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "select c.status, j.status as job from calls c join postcall_jobs j using (call_id) "
-            "where call_id = $1",
-            uuid.UUID(call_id),
-        )
-    finally:
-        await conn.close()
+    row = await call_and_job(database_url, call_id)
     assert row is not None and (row["status"], row["job"]) == ("interrupted", "queued")
 
 
@@ -403,28 +350,20 @@ async def test_disk_full_mid_call_keeps_live_transcription(settings_env, tiny_di
 async def test_secrets_in_urls_never_reach_the_logs(settings_env):
     """Redis and Postgres both unreachable at start, with passwords in their URLs: the server
     still starts degraded (taking calls, spooling), and no log line carries a password."""
-    asp, hp = free_port(), free_port()
-    env = {
-        **settings_env,
-        "AUDIOSOCKET_PORT": str(asp),
-        "HTTP_PORT": str(hp),
-        "DEFAULT_PROCESSING_MODE": "postcall_only",
-        "REDIS_URL": f"redis://:redis-s3cret@127.0.0.1:{free_port()}/0",
-        "DATABASE_URL": f"postgresql://streamsrv:pg-s3cret@127.0.0.1:{free_port()}/streamsrv",
-    }
-    proc = serve(env)
-    try:
-        await wait_healthy(hp)
-        status, body = await get(hp, "/health")
+    _, env = subprocess_settings(
+        settings_env,
+        DEFAULT_PROCESSING_MODE="postcall_only",
+        REDIS_URL=f"redis://:redis-s3cret@127.0.0.1:{free_port()}/0",
+        DATABASE_URL=f"postgresql://streamsrv:pg-s3cret@127.0.0.1:{free_port()}/streamsrv",
+    )
+    async with server_process(env) as server:
+        status, body = await server.get("/health")
         call = corpus.build_call(corpus.pick_prompts(1, 99), pause=0.5)
-        await play_call("127.0.0.1", asp, call.pcm, speed=8)
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, speed=8)
         await asyncio.sleep(1.5)  # a retry or two of both
-    finally:
-        proc.terminate()
-        _, stderr = await asyncio.to_thread(proc.communicate, None, 30)
     health = json.loads(body)
     assert status == 200  # still taking calls
     assert (health["status"], health["redis"], health["postgres"]) == ("degraded", "down", "down")
-    logs = stderr.decode()
+    logs = "\n".join(server.lines)
     assert "redis_down" in logs and "postgres_unavailable" in logs
     assert "s3cret" not in logs

@@ -31,8 +31,8 @@ from streamsrv import call as call_module
 from streamsrv import corpus
 from streamsrv import server as server_module
 from streamsrv.simulate import play_call
-from tests.e2e import Collector, get, make_settings, recording_path, running_server
-from tests.serverproc import process_env, server_process
+from tests.e2e import Collector, call_and_job, get, make_settings, recording_path, running_server
+from tests.serverproc import server_process, subprocess_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -295,10 +295,8 @@ async def test_ten_thousand_idle_connections(settings_env):
     if hard < IDLE_CONNECTIONS + 1000:
         pytest.skip(f"the hard open-files limit ({hard}) is below {IDLE_CONNECTIONS + 1000}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    settings = make_settings(settings_env, DEFAULT_PROCESSING_MODE="postcall_only")
-    env = process_env(
+    settings, env = subprocess_settings(
         settings_env,
-        settings.redis_channel_prefix,
         DEFAULT_PROCESSING_MODE="postcall_only",
         CALL_ID_TIMEOUT="60",
         TCP_SOCKET_TIMEOUT="120",
@@ -370,12 +368,8 @@ FLOOD = 300
 
 
 async def test_connection_flood_is_refused_cheaply_and_quietly(settings_env):
-    settings = make_settings(settings_env, DEFAULT_PROCESSING_MODE="postcall_only")
-    env = process_env(
-        settings_env,
-        settings.redis_channel_prefix,
-        DEFAULT_PROCESSING_MODE="postcall_only",
-        CONNECTION_RATE_LIMIT="20",
+    settings, env = subprocess_settings(
+        settings_env, DEFAULT_PROCESSING_MODE="postcall_only", CONNECTION_RATE_LIMIT="20"
     )
     call = corpus.build_call(corpus.pick_prompts(3, 66), pause=0.5)
     call_id = str(uuid.uuid4())
@@ -541,15 +535,7 @@ async def test_max_call_seconds_ends_records_and_queues_the_call(settings_env, d
     assert metric(text, "streamsrv_bytes_received_total") == len(audio)
     assert ended["audio_seconds"] == pytest.approx(len(audio) / 16000, abs=0.001)
     assert metric(text, "streamsrv_calls_ended_total", reason="max_duration") == 1
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "select c.status, j.id, j.status as job, j.audio_path from calls c"
-            " join postcall_jobs j using (call_id) where call_id = $1",
-            uuid.UUID(call_id),
-        )
-    finally:
-        await conn.close()
+    row = await call_and_job(database_url, call_id)
     assert row is not None
     assert (row["status"], row["job"], row["id"]) == ("ended", "queued", ended["job_id"])
     assert row["audio_path"] == str(recording_path(settings, call_id))
@@ -789,8 +775,7 @@ async def test_hanging_up_during_a_vad_pass_keeps_every_final(settings_env, monk
 
 
 async def test_audio_far_faster_than_real_time_is_bounded_and_loses_nothing(settings_env):
-    settings = make_settings(settings_env)
-    env = process_env(settings_env, settings.redis_channel_prefix, TCP_SOCKET_TIMEOUT="120")
+    settings, env = subprocess_settings(settings_env, TCP_SOCKET_TIMEOUT="120")
     call = corpus.build_call(corpus.pick_prompts(4, 71), pause=0.8)
     burst = call.pcm * 4  # 91 s of speech, 1.5 MB on the wire
     warm_id, burst_id = str(uuid.uuid4()), str(uuid.uuid4())

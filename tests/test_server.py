@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import uuid
 import wave
 
@@ -17,13 +15,13 @@ from streamsrv import corpus
 from streamsrv.simulate import play_call
 from tests.e2e import (
     Collector,
-    free_port,
+    call_and_job,
     get,
     make_settings,
     recording_path,
     running_server,
-    wait_healthy,
 )
+from tests.serverproc import server_process, subprocess_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -99,66 +97,33 @@ async def test_processing_modes(settings_env, database_url, mode):
 async def test_sigterm_drains_open_calls_then_exits_zero(settings_env, database_url, tmp_path):
     """A real `streamsrv serve` process: SIGTERM while a call is open stops new connections,
     lets the call finish, flushes its finals, recording and job, and exits 0."""
-    asp, hp = free_port(), free_port()
-    port_env = {"AUDIOSOCKET_PORT": str(asp), "HTTP_PORT": str(hp)}
-    settings = make_settings(settings_env, **port_env)
-    env = {
-        **os.environ,
-        **settings_env,
-        **port_env,
-        "REDIS_CHANNEL_PREFIX": settings.redis_channel_prefix,
-        "DRAIN_TIMEOUT": "60",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamsrv.cli",
-        "serve",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        await wait_healthy(hp)
-        call = corpus.build_call(corpus.pick_prompts(3, 43), pause=0.8)
-        call_id = str(uuid.uuid4())
-        async with Collector(settings) as collected:
-            playing = asyncio.create_task(
-                play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=2)
-            )
-            await asyncio.sleep(1.5)
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
-            with pytest.raises(OSError):  # no longer accepting
-                await asyncio.open_connection("127.0.0.1", asp)
-            await playing
-            await collected.wait_ended([call_id])
-            code = await asyncio.wait_for(proc.wait(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    settings, env = subprocess_settings(settings_env, DRAIN_TIMEOUT="60")
+    call = corpus.build_call(corpus.pick_prompts(3, 43), pause=0.8)
+    call_id = str(uuid.uuid4())
+    async with server_process(env) as server, Collector(settings) as collected:
+        asp = server.audiosocket_port
+        playing = asyncio.create_task(
+            play_call("127.0.0.1", asp, call.pcm, call_id=call_id, speed=2)
+        )
+        await asyncio.sleep(1.5)
+        server.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(OSError):  # no longer accepting
+            await asyncio.open_connection("127.0.0.1", asp)
+        await playing
+        await collected.wait_ended([call_id])
+        code = await server.wait(60)
     assert code == 0
     messages = collected.by_call[call_id]
     assert messages[-1]["reason"] == "hangup"
     assert sum(1 for m in messages if m["type"] == "final") == 3
     with wave.open(str(recording_path(settings, call_id))) as w:
         assert w.readframes(w.getnframes()) == call.pcm
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            "select c.status, j.status as job from calls c join postcall_jobs j using (call_id) "
-            "where call_id = $1",
-            uuid.UUID(call_id),
-        )
-    finally:
-        await conn.close()
+    row = await call_and_job(database_url, call_id)
     assert row is not None and (row["status"], row["job"]) == ("ended", "queued")
-    assert proc.stderr is not None
-    log_lines = [json.loads(x) for x in (await proc.stderr.read()).decode().splitlines() if x]
-    events = [x["event"] for x in log_lines]
+    events = [x["event"] for x in server.logs]
     assert "draining" in events and events[-1] == "stopped"
-    assert [x["call_id"] for x in log_lines if x["event"] == "call_started"] == [call_id]
+    assert [x["call_id"] for x in server.logs if x["event"] == "call_started"] == [call_id]
 
 
 async def test_saturated_model_serves_new_calls_as_postcall_only(settings_env, database_url):
