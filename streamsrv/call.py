@@ -274,18 +274,16 @@ class Call:
 
     def _request_final(self, track: _Track, segment: Segment) -> None:
         assert self.s.executor is not None
+        start, prefix = self._final_context(track, segment) or (segment.start, "")
         request = AsrRequest(
             self.call_id,
-            track.ring.read(segment.start, segment.end),
+            track.ring.read(start, segment.end),
             final=True,
             language=self.language,
             prompt=self._prompt(),
+            prefix=prefix,
+            context=segment.start - start,
         )
-        context = self._final_context(track, segment)
-        if context is not None:
-            start, request.prefix = context
-            request.audio = track.ring.read(start, segment.end)
-            request.context = segment.start - start
         future = self.s.executor.submit(request, priority=0, key="final")
         track.finals.append(_PendingFinal(segment, future, track.open_number, track.open_text))
         track.open_number, track.open_text = None, ""
