@@ -247,3 +247,45 @@ def histogram_quantile(
 def histogram_mean(before: Snapshot, after: Snapshot, name: str) -> float:
     count = delta(before, after, f"{name}_count")
     return delta(before, after, f"{name}_sum") / count if count else math.nan
+
+
+@dataclass
+class ServerFigures:
+    """What every run measures on the server between two snapshots, live and ingest alike."""
+
+    server_cpu_s: float
+    peak_rss_mb: float
+    loop_lag_p99: float
+    frames_sent: int
+    frames_received: int
+    frames_lost: int
+    bytes_sent: int
+    bytes_received: int
+    recorded_seconds: float
+
+
+def server_figures(
+    before: Snapshot,
+    after: Snapshot,
+    *,
+    frames_sent: int,
+    bytes_sent: int,
+    peak_rss_mb: float,
+    recorded_seconds: float,
+) -> dict[str, Any]:
+    """The ServerFigures fields of a run whose client sent `frames_sent` frames and
+    `bytes_sent` payload bytes, as keywords for a result built on ServerFigures."""
+    frames_received = int(delta(before, after, "streamsrv_frames_received_total"))
+    return {
+        "server_cpu_s": after.cpu_seconds - before.cpu_seconds,
+        "peak_rss_mb": peak_rss_mb,
+        "loop_lag_p99": histogram_quantile(
+            0.99, before.metrics, after.metrics, "streamsrv_event_loop_lag_seconds"
+        ),
+        "frames_sent": frames_sent,
+        "frames_received": frames_received,
+        "frames_lost": frames_sent - frames_received,
+        "bytes_sent": bytes_sent,
+        "bytes_received": int(delta(before, after, "streamsrv_bytes_received_total")),
+        "recorded_seconds": recorded_seconds,
+    }

@@ -26,22 +26,13 @@ START_DELAY = 3.0  # s for the workers to spawn and import before the first call
 
 
 @dataclass
-class IngestResult:
+class IngestResult(h.ServerFigures):
     calls: int
     seconds: float
     procs: int
     env: dict[str, str]
     audio_seconds: float
-    server_cpu_s: float
     cpu_ms_per_audio_s: float
-    peak_rss_mb: float
-    loop_lag_p99: float
-    frames_sent: int
-    frames_received: int
-    frames_lost: int
-    bytes_sent: int
-    bytes_received: int
-    recorded_seconds: float
     calls_ended: int
     call_errors: int
     client_late_p99_ms: float
@@ -125,27 +116,23 @@ def run_ingest(
         rss = server.peak_rss_mb()
         recorded = bc.recorded_seconds(server.recordings)
     frames_sent = sum(w["frames_sent"] for w in workers)
-    frames_received = int(h.delta(before, after, "streamsrv_frames_received_total"))
     audio_seconds = frames_sent * bc.FRAME_S
     cpu = after.cpu_seconds - before.cpu_seconds
     return IngestResult(
+        **h.server_figures(
+            before,
+            after,
+            frames_sent=frames_sent,
+            bytes_sent=sum(w["bytes_sent"] for w in workers),
+            peak_rss_mb=rss,
+            recorded_seconds=recorded,
+        ),
         calls=n_calls,
         seconds=seconds,
         procs=procs,
         env=env,
         audio_seconds=audio_seconds,
-        server_cpu_s=cpu,
         cpu_ms_per_audio_s=1000 * cpu / audio_seconds if audio_seconds else math.nan,
-        peak_rss_mb=rss,
-        loop_lag_p99=h.histogram_quantile(
-            0.99, before.metrics, after.metrics, "streamsrv_event_loop_lag_seconds"
-        ),
-        frames_sent=frames_sent,
-        frames_received=frames_received,
-        frames_lost=frames_sent - frames_received,
-        bytes_sent=sum(w["bytes_sent"] for w in workers),
-        bytes_received=int(h.delta(before, after, "streamsrv_bytes_received_total")),
-        recorded_seconds=recorded,
         calls_ended=int(h.delta(before, after, "streamsrv_calls_ended_total")),
         call_errors=sum(len(w["errors"]) for w in workers),
         client_late_p99_ms=max(w["p99_ms"] for w in workers),

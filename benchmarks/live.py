@@ -21,7 +21,6 @@ from benchmarks.offline import OfflineTranscriber
 from streamsrv.config import Settings
 from streamsrv.wer import corpus_wer
 
-LOOP_LAG = "streamsrv_event_loop_lag_seconds"
 BATCH = "streamsrv_inference_batch_size"
 
 # The bar a concurrency level must hold (DESIGN.md, "Quality bars").
@@ -32,7 +31,7 @@ WARMUP_SEED = 999_999  # the warm-up call, never one of the measured calls
 
 
 @dataclass
-class LiveResult:
+class LiveResult(h.ServerFigures):
     calls: int
     seconds: float
     seed: int
@@ -50,16 +49,7 @@ class LiveResult:
     final_lag_p95: float
     final_wer: float
     offline_wer: float
-    server_cpu_s: float
     cpu_per_audio_s: float
-    peak_rss_mb: float
-    loop_lag_p99: float
-    frames_sent: int
-    frames_received: int
-    frames_lost: int
-    bytes_sent: int
-    bytes_received: int
-    recorded_seconds: float
     partials: int
     finals: int
     partials_shed: int
@@ -169,9 +159,15 @@ def run_live(
     arrivals = [a for p in played for a in collector.by_call.get(p.call_id, [])]
     kinds = [m["type"] for _, m in arrivals]
     audio_seconds = sum(p.frames_sent * bc.FRAME_S for p in played)
-    frames_sent = sum(p.frames_sent for p in played)
-    frames_received = int(h.delta(before, after, "streamsrv_frames_received_total"))
     return LiveResult(
+        **h.server_figures(
+            before,
+            after,
+            frames_sent=sum(p.frames_sent for p in played),
+            bytes_sent=sum(p.bytes_sent for p in played),
+            peak_rss_mb=rss,
+            recorded_seconds=recorded,
+        ),
         calls=n_calls,
         seconds=seconds,
         seed=seed,
@@ -189,16 +185,7 @@ def run_live(
         final_lag_p95=lag.percentile(final_lags, 95),
         final_wer=corpus_wer(pairs),
         offline_wer=corpus_wer(offline_pairs),
-        server_cpu_s=after.cpu_seconds - before.cpu_seconds,
         cpu_per_audio_s=(after.cpu_seconds - before.cpu_seconds) / audio_seconds,
-        peak_rss_mb=rss,
-        loop_lag_p99=h.histogram_quantile(0.99, before.metrics, after.metrics, LOOP_LAG),
-        frames_sent=frames_sent,
-        frames_received=frames_received,
-        frames_lost=frames_sent - frames_received,
-        bytes_sent=sum(p.bytes_sent for p in played),
-        bytes_received=int(h.delta(before, after, "streamsrv_bytes_received_total")),
-        recorded_seconds=recorded,
         partials=kinds.count("partial"),
         finals=kinds.count("final"),
         partials_shed=int(h.delta(before, after, "streamsrv_partials_shed_total")),
