@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamsrv import corpus
+from streamsrv.config import Settings
 from streamsrv.simulate import play_call
 from tests.conftest import SERVICES_SH, read_env_file
 from tests.e2e import (
@@ -267,22 +268,30 @@ async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, d
     assert ended["job_id"] == row["id"]
 
 
+async def play_then_health(
+    settings: Settings, call: corpus.RecordedCall, call_id: str
+) -> tuple[int, dict[str, Any]]:
+    """Play `call` into an in-process server and check its live transcript is whole (every
+    utterance has its final, messages in order); then /health's status and body."""
+    async with running_server(settings) as server, Collector(settings) as collected:
+        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
+        await collected.wait_ended([call_id])
+        status, body = await get(server.http_port, "/health")
+    messages = collected.by_call[call_id]
+    check_order(messages, call_id)
+    assert sum(m["type"] == "final" for m in messages) == len(call.utterances)
+    return status, json.loads(body)
+
+
 async def test_unwritable_recordings_dir_keeps_live_transcription(settings_env, tmp_path):
     blocked = tmp_path / "not-a-directory"
     blocked.write_text("a file where the recordings directory should be")
     settings = make_settings(settings_env, RECORDINGS_DIR=str(blocked))
     call = corpus.build_call(corpus.pick_prompts(2, 81), pause=0.8)
     call_id = str(uuid.uuid4())
-    async with running_server(settings) as server, Collector(settings) as collected:
-        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
-        await collected.wait_ended([call_id])
-        status, body = await get(server.http_port, "/health")
-    health = json.loads(body)
+    status, health = await play_then_health(settings, call, call_id)
     assert status == 200 and health["status"] == "degraded"
     assert "not-a-directory" in health["recordings"]
-    messages = collected.by_call[call_id]
-    check_order(messages, call_id)
-    assert sum(m["type"] == "final" for m in messages) == len(call.utterances)
 
 
 async def test_drain_timeout_ends_calls_as_interrupted_still_recorded(settings_env, database_url):
@@ -331,16 +340,9 @@ async def test_disk_full_mid_call_keeps_live_transcription(settings_env, tiny_di
     call = corpus.build_call(corpus.pick_prompts(5, 82), pause=0.8)
     assert len(call.pcm) > 2 * 128 * 1024  # more audio than the disk holds
     call_id = str(uuid.uuid4())
-    async with running_server(settings) as server, Collector(settings) as collected:
-        await play_call("127.0.0.1", server.audiosocket_port, call.pcm, call_id=call_id, speed=4)
-        await collected.wait_ended([call_id])
-        status, body = await get(server.http_port, "/health")
-    health = json.loads(body)
+    status, health = await play_then_health(settings, call, call_id)
     assert status == 200 and health["status"] == "degraded"
     assert "No space left" in health["recordings"]
-    messages = collected.by_call[call_id]
-    check_order(messages, call_id)
-    assert sum(m["type"] == "final" for m in messages) == len(call.utterances)
     # what reached the disk before it filled is a readable WAV of exactly the audio sent
     with wave.open(str(recording_path(settings, call_id))) as w:
         recorded = w.readframes(w.getnframes())
