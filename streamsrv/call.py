@@ -135,12 +135,11 @@ class Call:
     def started(self) -> bool:
         return self.sample_rate is not None
 
-    def on_audio(self, message: aso.Audio) -> None:
-        rate, payload, ulaw = pcm_of(
-            message.kind, message.payload, self.settings.audiosocket_0x10_format
-        )
+    def on_audio(self, kind: int, payload: bytes, frames: int = 1) -> None:
+        """Take `frames` audio messages of one kind, their payloads joined."""
+        rate, payload, ulaw = pcm_of(kind, payload, self.settings.audiosocket_0x10_format)
         pcm = ulaw_to_pcm16(payload) if ulaw else self._assembler.push(payload)
-        self.frames += 1
+        self.frames += frames
         if not self.started:
             self._start(rate)
         if not pcm:
