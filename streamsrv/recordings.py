@@ -222,9 +222,9 @@ class RecordingWriter:
             file.flush()
             recording._data_bytes += len(data)
             # Sizes after the data: a reader never sees a size larger than what is in the file.
-            header = wav_header(recording.sample_rate, recording._data_bytes)
-            os.pwrite(file.fileno(), header[4:8], 4)
-            os.pwrite(file.fileno(), header[40:44], 40)
+            # The whole header in one write (its other fields never change): one syscall a
+            # tick instead of two, for every call.
+            os.pwrite(file.fileno(), wav_header(recording.sample_rate, recording._data_bytes), 0)
         except OSError as exc:
             self._fail(recording, exc)
 
