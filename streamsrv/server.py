@@ -97,49 +97,40 @@ class Connection(asyncio.Protocol):
             self._end("hangup" if exc is None or isinstance(exc, ConnectionError) else "lost")
 
     def _feed(self, data: bytes) -> None:
-        """Decode a read. A run of audio messages of one kind reaches the call as one piece
-        (a read holds several frames): the per-message work is the decoder's alone."""
+        """Decode a read. Its runs of audio reach the call whole (a read holds several frames):
+        conversion, recording and metrics once a run, not once a 20 ms frame."""
         if self.closed:
             return
-        run: list[bytes] = []
-        run_kind = 0
+        decoder = self.decoder
         try:
-            self.decoder.receive_data(data)
-            for event in self.decoder.events():
-                if type(event) is aso.Audio:
-                    if run and event.kind != run_kind:
-                        self._on_audio(run_kind, run)
-                        run = []
-                    run.append(event.payload)
-                    run_kind = event.kind
+            decoder.receive_data(data)
+            while not self.closed:
+                run = decoder.next_audio_run()
+                if run is not None:
+                    self._on_audio(run)
                     continue
-                if run:
-                    self._on_audio(run_kind, run)
-                    run = []
-                self._on_event(event)
-                if self.closed:
+                event = decoder.next_event()
+                if event is aso.NEED_DATA:
                     return
-            if run:
-                self._on_audio(run_kind, run)
+                self._on_event(event)
         except aso.ProtocolError as exc:
-            if run:
-                self._on_audio(run_kind, run)  # what came before the bad message is kept
             self.server.metrics.protocol_errors.inc()
             log.warning(
                 "protocol_error", peer=self.peer, call_id=self.decoder.call_id, error=str(exc)
             )
             self._end("protocol_error")
 
-    def _on_audio(self, kind: int, payloads: list[bytes]) -> None:
-        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+    def _on_audio(self, run: aso.AudioRun) -> None:
         metrics = self.server.metrics
-        metrics.frames_received.inc(len(payloads))
-        metrics.bytes_received.inc(len(payload))
+        metrics.frames_received.inc(run.messages)
+        metrics.bytes_received.inc(len(run.payload))
         if self.call is not None:
-            self.call.on_audio(kind, payload, len(payloads))
+            self.call.on_audio(run.kind, run.payload, run.messages)
 
     def _on_event(self, event: aso.Event) -> None:
-        if isinstance(event, aso.CallId):
+        if isinstance(event, aso.Audio):  # next_audio_run takes audio first; kept for safety
+            self._on_audio(aso.AudioRun(event.kind, event.payload, 1))
+        elif isinstance(event, aso.CallId):
             if self.server.call_id_used(event.call_id):
                 raise aso.ProtocolError(f"call id {event.call_id} was already used")
             self.call = self.server.open_call(event.call_id, self.peer)

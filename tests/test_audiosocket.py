@@ -21,6 +21,7 @@ from streamsrv.audiosocket import (
     AUDIO_RATES,
     NEED_DATA,
     Audio,
+    AudioRun,
     CallId,
     ConnectionClosed,
     Decoder,
@@ -73,6 +74,54 @@ def outcome(chunks: list[bytes], eof: bool = True) -> tuple[list[Event], str | N
     except ProtocolError as exc:
         return events, str(exc)
     return events, None
+
+
+def outcome_by_runs(
+    chunks: list[bytes], limit: int, eof: bool = True
+) -> tuple[list[Event | AudioRun], str | None]:
+    """Like ``outcome``, but drained as the server does: ``next_audio_run`` first, then
+    ``next_event``. Returns what came out with audio merged as by ``merged``."""
+    decoder = Decoder()
+    reads = [chunk for chunk in chunks if chunk] + ([b""] if eof else [])
+    out: list[Event | AudioRun] = []
+    try:
+        for chunk in reads:
+            decoder.receive_data(chunk)
+            for _ in range(len(chunk) + 2):  # a message, or the end, per turn
+                run = decoder.next_audio_run(limit)
+                if run is not None:
+                    assert 1 <= run.messages <= limit
+                    out.append(run)
+                    continue
+                event = decoder.next_event()
+                if event is NEED_DATA:
+                    break
+                out.append(event)
+                if isinstance(event, ConnectionClosed):
+                    break
+            else:
+                raise AssertionError("draining did not stop")
+            if out and isinstance(out[-1], ConnectionClosed):
+                break
+    except ProtocolError as exc:
+        return merged(out), str(exc)
+    return merged(out), None
+
+
+def merged(items: list[Event] | list[Event | AudioRun]) -> list[Event | AudioRun]:
+    """Consecutive audio of one kind, as one AudioRun: what two drains must agree on."""
+    out: list[Event | AudioRun] = []
+    for item in items:
+        if isinstance(item, Audio):
+            item = AudioRun(item.kind, item.payload, 1)
+        last = out[-1] if out else None
+        if isinstance(item, AudioRun) and isinstance(last, AudioRun) and last.kind == item.kind:
+            out[-1] = AudioRun(
+                item.kind, last.payload + item.payload, last.messages + item.messages
+            )
+        else:
+            out.append(item)
+    return out
 
 
 def drain(decoder: Decoder, limit: int = 1000) -> list[Event]:
@@ -606,6 +655,53 @@ def test_many_small_messages_in_one_read_are_decoded_with_linear_work() -> None:
     assert biggest_dead_prefix >= buf._COMPACT_MIN
 
 
+def test_audio_runs_stop_at_another_kind_an_incomplete_message_and_the_limit() -> None:
+    decoder = Decoder()
+    decoder.receive_data(frame(0x10, b"ab") + frame(0x10, b"cd"))
+    assert decoder.next_audio_run() is None  # no call id yet: next_event says what is wrong
+    with pytest.raises(ProtocolError, match="before the call id"):
+        decoder.next_event()
+
+    decoder = Decoder()
+    decoder.receive_data(
+        CALL_ID_FRAME
+        + b"".join(frame(0x10, bytes([i])) for i in range(5))
+        + frame(0x12, b"xy")
+        + frame(0x03, b"7")
+        + frame(0x10, b"zz")[:4]
+    )
+    assert decoder.next_audio_run() is None  # the call id comes first
+    assert decoder.next_event() == CallId(CALL_ID)
+    assert decoder.next_audio_run(limit=3) == AudioRun(Kind.AUDIO_8K, b"\x00\x01\x02", 3)
+    assert decoder.next_audio_run() == AudioRun(Kind.AUDIO_8K, b"\x03\x04", 2)
+    assert decoder.next_audio_run() == AudioRun(Kind.AUDIO_16K, b"xy", 1)
+    assert decoder.next_audio_run() is None
+    assert decoder.next_event() == Dtmf("7")
+    assert decoder.next_audio_run() is None  # 4 of its 5 bytes are in
+    decoder.receive_data(b"z" + frame(0x00))
+    assert decoder.next_audio_run() == AudioRun(Kind.AUDIO_8K, b"zz", 1)
+    assert decoder.next_audio_run() is None
+    assert decoder.next_event() == Hangup()
+    decoder.receive_data(frame(0x10, b"late"))
+    assert decoder.next_audio_run() is None  # the call is over
+    assert decoder.next_event() == ConnectionClosed()
+
+
+def test_audio_runs_of_many_small_messages_are_decoded_with_linear_work() -> None:
+    n = 100_000
+    payloads = [bytes([i & 0xFF, 7]) for i in range(n)]
+    decoder = Decoder()
+    decoder.receive_data(CALL_ID_FRAME + b"".join(frame(0x10, p) for p in payloads))
+    assert decoder.next_event() == CallId(CALL_ID)
+    runs = []
+    while (run := decoder.next_audio_run()) is not None:
+        runs.append(run)
+    assert [r.messages for r in runs] == [64] * (n // 64) + [n % 64]
+    assert b"".join(r.payload for r in runs) == b"".join(payloads)
+    assert decoder.next_event() is NEED_DATA
+    assert 0 < decoder._buffer.bytes_moved <= 5 * n + len(CALL_ID_FRAME)
+
+
 def test_steady_stream_keeps_buffer_small() -> None:
     # Reads that each end mid-message (a 320-byte frame arriving in 100-byte pieces).
     decoder = Decoder()
@@ -657,6 +753,8 @@ def test_valid_stream_split_anywhere_decodes_identically(
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
     assert outcome([stream]) == (expected, None)
     assert outcome(split_at(stream, cuts)) == (expected, None)
+    limit = data.draw(st.integers(1, 8))
+    assert outcome_by_runs(split_at(stream, cuts), limit) == (merged(expected), None)
 
 
 garbage = st.one_of(
@@ -682,6 +780,8 @@ def test_arbitrary_bytes_only_ever_raise_protocol_error(stream: bytes, data: st.
     # outcome() lets only ProtocolError through as a result; anything else fails the test.
     whole = outcome([stream])
     assert outcome(split_at(stream, cuts)) == whole
+    limit = data.draw(st.integers(1, 8))
+    assert outcome_by_runs(split_at(stream, cuts), limit) == (merged(whole[0]), whole[1])
     events, error = whole
     # A clean outcome always ends with ConnectionClosed; a failed one names an offset.
     if error is None:
