@@ -135,6 +135,11 @@ class Call:
     def started(self) -> bool:
         return self.sample_rate is not None
 
+    @property
+    def transcribing_live(self) -> bool:
+        """Whether this call's audio goes to live transcription (known once it started)."""
+        return self._track is not None
+
     def on_audio(self, kind: int, payload: bytes, frames: int = 1) -> None:
         """Take `frames` audio messages of one kind, their payloads joined."""
         rate, payload, ulaw = pcm_of(kind, payload, self.settings.audiosocket_0x10_format)

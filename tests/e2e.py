@@ -8,7 +8,7 @@ import secrets
 import socket
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +67,27 @@ class Collector:
             self._arrived.set()
 
     async def wait_ended(self, call_ids: list[str], within: float = 120.0) -> None:
-        async def ended() -> None:
-            while not all(
+        await self._wait_until(
+            lambda: all(
                 self.by_call[c] and self.by_call[c][-1]["type"] == "call_ended" for c in call_ids
-            ):
+            ),
+            within,
+        )
+
+    async def wait_message(self, call_id: str, kind: str, within: float) -> dict[str, Any]:
+        """The call's first message of type `kind`, once it has arrived."""
+        await self._wait_until(
+            lambda: any(m["type"] == kind for m in self.by_call[call_id]), within
+        )
+        return next(m for m in self.by_call[call_id] if m["type"] == kind)
+
+    async def _wait_until(self, condition: Callable[[], bool], within: float) -> None:
+        async def until() -> None:
+            while not condition():
                 self._arrived.clear()
                 await self._arrived.wait()
 
-        await asyncio.wait_for(ended(), within)
+        await asyncio.wait_for(until(), within)
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None

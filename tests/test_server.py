@@ -11,6 +11,7 @@ import wave
 import asyncpg
 import pytest
 
+from streamsrv import audiosocket as aso
 from streamsrv import corpus
 from streamsrv.simulate import play_call
 from tests.e2e import (
@@ -92,6 +93,29 @@ async def test_processing_modes(settings_env, database_url, mode):
     else:
         assert "final" in kinds
         assert jobs == 0 and messages[-1]["job_id"] is None
+
+
+async def test_what_waits_below_a_read_burst_is_read_when_the_audio_stops(settings_env):
+    """Reads wait for bursts of frames (half a second for a call that is only recorded). When
+    the audio stops without a hangup, a key pressed after the last frames is still published,
+    at its place in the audio, and those frames are recorded."""
+    settings = make_settings(settings_env, DEFAULT_PROCESSING_MODE="postcall_only")
+    call_id = str(uuid.uuid4())
+    frame = aso.encode(aso.Audio(aso.Kind.AUDIO_8K, bytes(320)))
+    async with running_server(settings) as server, Collector(settings) as collected:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.audiosocket_port)
+        writer.write(aso.encode(aso.CallId(call_id)) + frame * 30)  # bursts are armed
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.write(frame * 3 + aso.encode(aso.Dtmf("5")))  # less than a burst; then a gap
+        await writer.drain()
+        key = await collected.wait_message(call_id, "dtmf", within=5)  # timeout is 30 s
+        assert key["at"] == pytest.approx(33 * 0.02)
+        writer.write(aso.encode(aso.Hangup()))
+        writer.close()
+        await collected.wait_ended([call_id])
+    with wave.open(str(recording_path(settings, call_id))) as w:
+        assert w.getnframes() == 33 * 160
 
 
 async def test_sigterm_drains_open_calls_then_exits_zero(settings_env, database_url, tmp_path):
