@@ -1,7 +1,8 @@
 """Sans-IO codec for Asterisk AudioSocket, in the shape of python-hyper/h11.
 
 Bytes go in with ``Decoder.receive_data``; typed events come out of ``Decoder.next_event``
-(or ``NEED_DATA`` while a message is incomplete); ``encode`` turns an event into bytes.
+(or ``NEED_DATA`` while a message is incomplete), and in a call ``Decoder.next_audio_run`` takes
+a run of audio messages at once; ``encode`` turns an event into bytes.
 No sockets, no asyncio, no threads: the same object serves the server, the Asterisk
 simulator and the tests.
 """

@@ -140,7 +140,7 @@ class Call:
         """Whether this call's audio goes to live transcription (known once it started)."""
         return self._track is not None
 
-    def on_audio(self, kind: int, payload: bytes, frames: int = 1) -> None:
+    def on_audio(self, kind: int, payload: bytes, frames: int) -> None:
         """Take `frames` audio messages of one kind, their payloads joined."""
         rate, payload, ulaw = pcm_of(kind, payload, self.settings.audiosocket_0x10_format)
         pcm = ulaw_to_pcm16(payload) if ulaw else self._assembler.push(payload)
