@@ -32,6 +32,7 @@ SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 100
 MAX_PROMPT_TOKENS = 100
 MIN_CONTEXT_WORDS = 4  # shorter new text from a window with context is checked alone
+MIN_REPEAT_WORDS = 3  # a phrase this long said twice in a row: the decoder looped
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +70,25 @@ def _context_failed(text: str, prefix: str) -> bool:
     With the previous segment in the window, tiny.en was seen to write nothing after the
     prefix, to write the prefix (or its end) again, and, on a tone or noise burst that VAD let
     through, to write punctuation or a few words where the segment alone gives nothing (its
-    no-speech check cannot work there: the window starts with speech). So the context is
-    trusted only for new text of four words or more, most of them not in the prefix."""
+    no-speech check cannot work there: the window starts with speech), and to write the new
+    sentence twice ("Press 3 to hear the message envelope. Press 3 to hear the message
+    envelope."). So the context is trusted only for new text of four words or more, most of
+    them not in the prefix, that does not repeat itself."""
     words = re.findall(r"\w+", text.lower())
     if len(words) < MIN_CONTEXT_WORDS:
         return True
     said = set(re.findall(r"\w+", prefix.lower()))
-    return 2 * sum(word in said for word in words) >= len(words)
+    return 2 * sum(word in said for word in words) >= len(words) or _repeats_itself(words)
+
+
+def _repeats_itself(words: list[str]) -> bool:
+    """Whether some phrase of MIN_REPEAT_WORDS words or more comes twice in a row."""
+    n = len(words)
+    return any(
+        words[i : i + k] == words[i + k : i + 2 * k]
+        for k in range(MIN_REPEAT_WORDS, n // 2 + 1)
+        for i in range(n - 2 * k + 1)
+    )
 
 
 def compression_ratio(text: str) -> float:
