@@ -132,9 +132,8 @@ class Connection(asyncio.Protocol):
                 self._read_in_bursts(self.call, run)
 
     def _on_event(self, event: aso.Event) -> None:
-        if isinstance(event, aso.Audio):  # next_audio_run takes audio first; kept for safety
-            self._on_audio(aso.AudioRun(event.kind, event.payload, 1))
-        elif isinstance(event, aso.CallId):
+        # never audio: next_audio_run takes every complete audio message first
+        if isinstance(event, aso.CallId):
             if self.server.call_id_used(event.call_id):
                 raise aso.ProtocolError(f"call id {event.call_id} was already used")
             self.call = self.server.open_call(event.call_id, self.peer)
