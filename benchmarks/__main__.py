@@ -48,6 +48,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     live = sub.add_parser("live", help="N concurrent corpus calls: lag, WER, CPU, losses")
     live.add_argument("--calls", type=int, required=True)
+    live.add_argument(
+        "--stagger",
+        type=float,
+        default=2.0,
+        help="start the calls at random within this many seconds (default 2)",
+    )
     _common(live, DEFAULT_SECONDS)
 
     sweep = sub.add_parser("sweep", help="live at several call counts, table and plot")
@@ -77,6 +83,8 @@ def live_details(r: LiveResult) -> str:
         f"  frames sent/received {r.frames_sent}/{r.frames_received}, bytes "
         f"{r.bytes_sent}/{r.bytes_received}, recorded {r.recorded_seconds:.2f} s; partials shed "
         f"{r.partials_shed}; calls not ended {r.calls_not_ended}\n"
+        f"  calls served postcall_only {r.calls_postcall_only} (not in the lags or WER); "
+        f"post-call jobs written {r.jobs_written}; calls started within {r.stagger:.0f} s\n"
         f"  Redis delivery p95 {r.delivery_p95 * 1000:.1f} ms, client pacing late p99 "
         f"{r.client_late_p99_ms:.1f} ms (both are in the lags; large values void the run)"
     )
@@ -121,10 +129,12 @@ def main(argv: list[str]) -> int:
     blocks: list[tuple[str, str, Settings]] = []  # (title, body, settings) to record
     if args.command == "live":
         offline = OfflineTranscriber()
-        live = run_live(args.calls, args.seconds, args.seed, env, offline, args.env_file)
+        live = run_live(
+            args.calls, args.seconds, args.seed, env, offline, args.env_file, args.stagger
+        )
         results.append(live)
-        body = report.table([report.live_row(live)])
-        print(f"{body}\n{live_details(live)}")
+        body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
+        print(body)
         blocks.append((f"live, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
     if args.command in ("sweep", "all"):
         counts = args.calls if args.command == "sweep" else _calls_list(DEFAULT_SWEEP)

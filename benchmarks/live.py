@@ -57,6 +57,9 @@ class LiveResult(h.ServerFigures):
     delivery_p95: float  # Redis arrival - emitted_at: what the collector adds to every lag
     client_late_p99_ms: float
     calls_not_ended: int
+    calls_postcall_only: int  # served without live transcription (overload): not in lags, WER
+    jobs_written: int  # post-call jobs the server wrote during the run
+    stagger: float = 2.0  # calls started at random within this many seconds
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -82,7 +85,7 @@ def call_seed(seed: int, index: int) -> int:
 
 
 async def _play_and_collect(
-    server: h.ServerProcess, calls: list[bc.BenchCall], seed: int
+    server: h.ServerProcess, calls: list[bc.BenchCall], seed: int, stagger: float
 ) -> tuple[list[bc.Played], bc.Collector, h.Snapshot, h.Snapshot, float, int]:
     s = server.settings
     host, port = s.audiosocket_host, s.audiosocket_port
@@ -91,7 +94,7 @@ async def _play_and_collect(
         played_warm = await bc.play(host, port, bc.encode_frames(warm.pcm))
         await collector.wait_ended([played_warm.call_id], within=60)
         before = server.snapshot()
-        delays = bc.stagger(len(calls), seed)
+        delays = bc.stagger(len(calls), seed, within=stagger)
         played = await asyncio.gather(
             *(
                 bc.play(host, port, bc.encode_frames(c.pcm), delay=d)
@@ -99,7 +102,7 @@ async def _play_and_collect(
             )
         )
         ids = [p.call_id for p in played]
-        await collector.wait_ended(ids, within=120 + max(c.seconds for c in calls))
+        await collector.wait_ended(ids, within=120 + stagger + max(c.seconds for c in calls))
         after = server.snapshot()
         rss = server.peak_rss_mb()
         not_ended = sum(1 for c in ids if not collector.ended(c))
@@ -113,12 +116,15 @@ def run_live(
     env: dict[str, str],
     offline: OfflineTranscriber,
     env_file: Path = h.DEFAULT_ENV_FILE,
+    stagger: float = 2.0,
 ) -> LiveResult:
+    """Past capacity some calls may be served as postcall_only (their call_started says so):
+    they have no live transcript by design, so they are counted, not measured."""
     calls = [bc.build_bench_call(call_seed(seed, i), seconds) for i in range(n_calls)]
     server = h.ServerProcess(env, env_file)
     with server:
         played, collector, before, after, rss, not_ended = asyncio.run(
-            _play_and_collect(server, calls, seed)
+            _play_and_collect(server, calls, seed, stagger)
         )
         model = str(server.health.get("model_name", ""))
         settings: Settings = server.settings
@@ -129,8 +135,14 @@ def run_live(
     pairs: list[tuple[str, str]] = []
     offline_pairs: list[tuple[str, str]] = []
     per_call: list[dict[str, Any]] = []
+    postcall_only = 0
     for call, p in zip(calls, played, strict=True):
         messages = collector.by_call.get(p.call_id, [])
+        mode = next((m["processing_mode"] for _, m in messages if m["type"] == "call_started"), "")
+        if mode == "postcall_only":
+            postcall_only += 1
+            per_call.append({"call_id": p.call_id, "seed": call.seed, "processing_mode": mode})
+            continue
         words = lag.reference_words(call.utterances, p.clock)
         w = lag.word_lags(words, messages)
         f = lag.final_lags(call.utterances, messages, p.clock)
@@ -193,5 +205,8 @@ def run_live(
         delivery_p95=lag.percentile([at - m["emitted_at"] for at, m in arrivals], 95),
         client_late_p99_ms=bc.lateness_summary([x for p in played for x in p.lateness])["p99_ms"],
         calls_not_ended=not_ended,
+        calls_postcall_only=postcall_only,
+        jobs_written=int(h.delta(before, after, "streamsrv_postcall_jobs_total")),
+        stagger=stagger,
         per_call=per_call,
     )
