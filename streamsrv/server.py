@@ -175,8 +175,9 @@ class Connection(asyncio.Protocol):
     def _set_low_water(self, size: int) -> None:
         assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+        if sock is not None and not self.closed:
+            with contextlib.suppress(OSError):  # a socket the peer just reset: nothing to tune
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
 
     def _end(self, reason: str) -> None:
         """End the connection and, if a call was open, finish it in the background."""
