@@ -263,8 +263,10 @@ class _ReceiveBuffer:
         with memoryview(data) as view:
             while end - pos >= HEADER_SIZE and len(parts) < limit:
                 kind, length = _HEADER.unpack_from(data, pos)
-                if (kind != run_kind and (parts or kind not in AUDIO_RATES)) or (
-                    end - pos - HEADER_SIZE < length
+                if (
+                    kind not in AUDIO_RATES
+                    or (parts and kind != run_kind)
+                    or end - pos - HEADER_SIZE < length
                 ):
                     break
                 run_kind = kind
