@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks import calls as bc
 from benchmarks import harness as h
 from benchmarks import report
 from benchmarks.ingest import IngestResult, run_ingest
@@ -51,8 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     live.add_argument(
         "--stagger",
         type=float,
-        default=2.0,
-        help="start the calls at random within this many seconds (default 2)",
+        default=bc.STAGGER_SECONDS,
+        help=f"start the calls at random within this many seconds (default {bc.STAGGER_SECONDS:g})",
     )
     _common(live, DEFAULT_SECONDS)
 

@@ -143,7 +143,10 @@ async def play(
     return played
 
 
-def stagger(count: int, seed: int, within: float = 2.0) -> list[float]:
+STAGGER_SECONDS = 2.0  # calls start at random within this many seconds unless told otherwise
+
+
+def stagger(count: int, seed: int, within: float = STAGGER_SECONDS) -> list[float]:
     """Start delays of `count` calls, uniformly random within the first `within` seconds."""
     rng = random.Random(seed)
     return [rng.uniform(0.0, within) for _ in range(count)]

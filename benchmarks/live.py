@@ -59,7 +59,7 @@ class LiveResult(h.ServerFigures):
     calls_not_ended: int
     calls_postcall_only: int  # served without live transcription (overload): not in lags, WER
     jobs_written: int  # post-call jobs the server wrote during the run
-    stagger: float = 2.0  # calls started at random within this many seconds
+    stagger: float  # calls started at random within this many seconds
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -116,7 +116,7 @@ def run_live(
     env: dict[str, str],
     offline: OfflineTranscriber,
     env_file: Path = h.DEFAULT_ENV_FILE,
-    stagger: float = 2.0,
+    stagger: float = bc.STAGGER_SECONDS,
 ) -> LiveResult:
     """Past capacity some calls may be served as postcall_only (their call_started says so):
     they have no live transcript by design, so they are counted, not measured."""
