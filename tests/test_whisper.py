@@ -45,6 +45,17 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * RATE), dtype=np.float32)
 
 
+def spoken(name: str, pause_after: float) -> np.ndarray:
+    """A prompt as a segment: 0.2 s of silence before it, `pause_after` s after."""
+    return np.concatenate([silence(0.2), prompt_audio(name), silence(pause_after)])
+
+
+def led_by(context: np.ndarray, prefix: str, segment: np.ndarray) -> AsrRequest:
+    """A final's request for `segment`, led by the `context` audio whose final was `prefix`."""
+    audio = np.concatenate([context, segment])
+    return AsrRequest("c", audio, True, "en", prefix=prefix, context=len(context))
+
+
 def test_what_counts_as_a_context_that_failed() -> None:
     said = "Password incorrect. Please enter your password followed by the pound key."
     assert _context_failed("", said)
@@ -64,17 +75,9 @@ def test_what_counts_as_a_context_that_failed() -> None:
 
 def test_a_final_with_context_keeps_only_the_new_words(runner: CountingRunner) -> None:
     texts = corpus.texts()
-    first = np.concatenate([silence(0.2), prompt_audio(FIRST), silence(0.6)])
-    second = np.concatenate([silence(0.2), prompt_audio(SECOND), silence(0.2)])
+    first, second = spoken(FIRST, 0.6), spoken(SECOND, 0.2)
     alone = runner.run_batch([AsrRequest("c", second, True, "en")])[0]
-    led = AsrRequest(
-        "c",
-        np.concatenate([first, second]),
-        True,
-        "en",
-        prefix=texts[FIRST],
-        context=len(first),
-    )
+    led = led_by(first, texts[FIRST], second)
     passes = runner.passes
     [result] = runner.run_batch([led])
     assert runner.passes == passes + 1  # the context was kept
@@ -92,16 +95,8 @@ def test_a_context_that_swallows_the_segment_is_dropped(runner: CountingRunner) 
     writes nothing, or some of it again): the segment is transcribed again alone rather than
     lost or doubled."""
     texts = corpus.texts()
-    first = np.concatenate([silence(0.2), prompt_audio(FIRST), silence(0.6)])
-    second = np.concatenate([silence(0.2), prompt_audio(SECOND), silence(0.2)])
-    swallowing = AsrRequest(
-        "c",
-        np.concatenate([first, second]),
-        True,
-        "en",
-        prefix=f"{texts[FIRST]} {texts[SECOND]}",
-        context=len(first),
-    )
+    first, second = spoken(FIRST, 0.6), spoken(SECOND, 0.2)
+    swallowing = led_by(first, f"{texts[FIRST]} {texts[SECOND]}", second)
     passes = runner.passes
     [result] = runner.run_batch([swallowing])
     assert runner.passes == passes + 2
@@ -125,10 +120,6 @@ def test_a_tone_after_speech_stays_silent_with_context(runner: CountingRunner) -
     the no-speech check cannot see the tone, and tiny.en writes punctuation or the sentence's
     end again. The segment is checked alone, where it is silence."""
     texts = corpus.texts()
-    first = np.concatenate([silence(0.2), prompt_audio(SECOND), silence(0.6)])
-    tone = np.concatenate([silence(0.2), prompt_audio("beep"), silence(0.2)])
-    led = AsrRequest(
-        "c", np.concatenate([first, tone]), True, "en", prefix=texts[SECOND], context=len(first)
-    )
+    led = led_by(spoken(SECOND, 0.6), texts[SECOND], spoken("beep", 0.2))
     [result] = runner.run_batch([led])
     assert (result.text, result.words) == ("", [])
