@@ -150,7 +150,8 @@ def model_settings(settings: Settings) -> str:
         f"PARTIAL_INTERVAL={settings.partial_interval}, "
         f"MIN_WINDOW_SECONDS={settings.min_window_seconds}, "
         f"PARTIAL_WINDOW_SECONDS={settings.partial_window_seconds}, "
-        f"FINAL_CONTEXT={str(settings.final_context).lower()}"
+        f"FINAL_CONTEXT={str(settings.final_context).lower()}, "
+        f"FINAL_CONTEXT_SEGMENTS={settings.final_context_segments}"
     )
 
 

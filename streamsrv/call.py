@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +82,8 @@ class _Track:
     segmenter: Segmenter
     ring: RingBuffer
     resampler: StreamResampler
+    # the latest finals with text (FINAL_CONTEXT_SEGMENTS), oldest first, since one without
+    recent_finals: deque[tuple[Segment, str]]
     vad: VadState = field(default_factory=VadState)
     vad_pending: list[FloatArray] = field(default_factory=list)
     finals: deque[_PendingFinal] = field(default_factory=deque)
@@ -89,7 +91,23 @@ class _Track:
     last_partial_end: int = 0
     open_number: int | None = None
     open_text: str = ""
-    last_final: tuple[Segment, str] | None = None  # the latest final, when it had text
+
+
+def final_context(
+    recent: Sequence[tuple[Segment, str]], segment: Segment, window: int, held_from: int
+) -> tuple[int, str] | None:
+    """Where a final's window may start and the text said from there: the run of most recent
+    finals whose audio is still held (from sample `held_from`) and fits, with `segment`, in
+    `window` samples, the length every final window is padded to anyway, so the context costs
+    no encoder time. None when not even the latest one fits."""
+    start: int | None = None
+    texts: list[str] = []
+    for before, text in reversed(recent):
+        if before.start < max(segment.end - window, held_from):
+            break
+        start = before.start
+        texts.insert(0, text)
+    return None if start is None else (start, " ".join(texts))
 
 
 def pcm_of(kind: int, payload: bytes, format_0x10: str) -> tuple[int, bytes, bool]:
@@ -203,6 +221,7 @@ class Call:
                 ),
                 ring=RingBuffer(int((st.max_segment_seconds + 10) * MODEL_RATE)),
                 resampler=StreamResampler(rate),
+                recent_finals=deque(maxlen=st.final_context_segments),
             )
         elif self.mode != "postcall_only":
             # Past capacity the call is still taken, recorded and queued: only its live
@@ -295,19 +314,13 @@ class Call:
         future.add_done_callback(lambda _: self._publish_finals(track))
 
     def _final_context(self, track: _Track, segment: Segment) -> tuple[int, str] | None:
-        """Where this segment's window may start and the text said from there: the previous
-        segment, when its final is in (none pending) with text, its audio is still held, and
-        both fit in MIN_WINDOW_SECONDS, the length every window is padded to anyway, so the
-        context costs no encoder time. One segment only: with more, the small models were
-        seen to stop early or repeat the prefix."""
-        last = track.last_final
-        if not self.settings.final_context or last is None or track.finals:
+        """The previous FINAL_CONTEXT_SEGMENTS segments that fit (see final_context), once
+        their finals are in (none pending). Two by default: on the corpus calls two gave fewer
+        errors than one or three (benchmarks/RESULTS.md)."""
+        if not self.settings.final_context or track.finals:
             return None
-        before, text = last
-        limit = segment.end - int(self.settings.min_window_seconds * MODEL_RATE)
-        if before.start < max(limit, track.ring.start):
-            return None
-        return before.start, text
+        window = int(self.settings.min_window_seconds * MODEL_RATE)
+        return final_context(track.recent_finals, segment, window, track.ring.start)
 
     def _maybe_partial(self, track: _Track) -> None:
         start = track.segmenter.open_start
@@ -392,7 +405,10 @@ class Call:
                 result = future.result()
                 self._learn_language(result)
             text = result.text if result is not None else ""
-            track.last_final = (pending.segment, text) if text else None
+            if text:
+                track.recent_finals.append((pending.segment, text))
+            else:  # what was not speech leads no later final
+                track.recent_finals.clear()
             number = pending.number
             if number is None:
                 if not text:

@@ -137,6 +137,7 @@ class Settings:
     final_beam_size: int | None = _var("FINAL_BEAM_SIZE", None, _optional_int)
     condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
     final_context: bool = _var("FINAL_CONTEXT", True, _bool)
+    final_context_segments: int = _var("FINAL_CONTEXT_SEGMENTS", 2, int)
     vad_threshold: float = _var("VAD_THRESHOLD", 0.5, float)
     vad_min_silence_ms: int = _var("VAD_MIN_SILENCE_MS", 500, int)
     vad_speech_pad_ms: int = _var("VAD_SPEECH_PAD_MS", 200, int)
@@ -201,6 +202,10 @@ class Settings:
         need(
             self.final_beam_size is None or 1 <= self.final_beam_size <= 10,
             "FINAL_BEAM_SIZE: between 1 and 10, or empty",
+        )
+        need(
+            1 <= self.final_context_segments <= 4,
+            "FINAL_CONTEXT_SEGMENTS: between 1 and 4",
         )
         need(0 < self.vad_threshold < 1, "VAD_THRESHOLD: between 0 and 1")
         need(self.vad_min_silence_ms >= 100, "VAD_MIN_SILENCE_MS: at least 100")

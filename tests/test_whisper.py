@@ -1,5 +1,5 @@
 """WhisperRunner on the real bundled tiny.en model and real corpus prompts: finals led by the
-previous segment as context keep only the new words, with times from the segment's start, and
+previous segments as context keep only the new words, with times from the segment's start, and
 a context that misled the model is dropped."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from streamsrv.config import Settings
 from streamsrv.wer import normalise, wer
 
 RATE = 16000
-FIRST, SECOND = "pbx-invalid", "conf-onlyperson"
+FIRST, SECOND, THIRD = "pbx-invalid", "conf-onlyperson", "vm-intro"
 
 
 class CountingRunner(WhisperRunner):
@@ -86,6 +86,22 @@ def test_a_final_with_context_keeps_only_the_new_words(runner: CountingRunner) -
     assert not _context_failed(result.text, texts[FIRST])
     # word times count from the segment's own start, not the window's
     seconds = len(second) / RATE
+    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
+    assert result.words[0].start < 1.0
+
+
+def test_a_final_led_by_two_segments_keeps_only_its_own_words(runner: CountingRunner) -> None:
+    texts = corpus.texts()
+    context = np.concatenate([spoken(FIRST, 0.6), spoken(SECOND, 0.6)])
+    third = spoken(THIRD, 0.2)
+    alone = runner.run_batch([AsrRequest("c", third, True, "en")])[0]
+    passes = runner.passes
+    [result] = runner.run_batch([led_by(context, f"{texts[FIRST]} {texts[SECOND]}", third)])
+    assert runner.passes == passes + 1  # the context was kept
+    words = normalise(result.text)
+    assert words[:3] == ["please", "leave", "your"] and "conference" not in words
+    assert wer(alone.text, result.text) <= 0.1
+    seconds = len(third) / RATE
     assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
     assert result.words[0].start < 1.0
 

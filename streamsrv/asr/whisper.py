@@ -1,7 +1,7 @@
 """Whisper on CTranslate2, run as one batch over windows from many calls.
 
 Each request is one call's window: the audio of one speech segment (never more than
-MAX_SEGMENT_SECONDS), for a final optionally led by the call's previous segment as context.
+MAX_SEGMENT_SECONDS), for a final optionally led by the call's previous segments as context.
 Context audio comes with its final text as the decoder's prefix: the model hears the segment as
 in a window of a whole recording, after what was just said, and writes on from the known text;
 only the new tokens are kept, and their word times are shifted past the context. The window is
