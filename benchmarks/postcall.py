@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from streamsrv import corpus
+from streamsrv.blas import one_blas_thread
 from streamsrv.config import Settings
 from streamsrv.postcall.transcribe import PostcallModel
 from streamsrv.wer import corpus_wer
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency:
         settings = settings.replace(worker_concurrency=args.concurrency)
     concurrency = settings.worker_concurrency
+    one_blas_thread()  # as `streamsrv worker` runs; the sequential path shares the process
     model = PostcallModel(settings)
     load = model.load()
     runners: dict[str, Callable[[list[bytes]], list[str]]] = {

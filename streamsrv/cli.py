@@ -38,11 +38,13 @@ def _run(coro: object) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamsrv.asr.models import ModelNotFound
+    from streamsrv.blas import one_blas_thread
     from streamsrv.server import Server
     from streamsrv.systemd import Notifier
 
     settings = _settings(args.env_file)
     _raise_file_limit()
+    one_blas_thread()
     try:
         _run(Server(settings, Notifier.from_environ(os.environ)).run())
     except ModelNotFound as exc:
@@ -99,9 +101,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The post-call worker: runs until SIGTERM, or with --drain until the queue is empty."""
+    from streamsrv.blas import one_blas_thread
     from streamsrv.postcall.worker import DB_ERRORS, Worker, abandoned_jobs
 
     settings = _settings(args.env_file)
+    one_blas_thread()
     try:
         _run(Worker(settings).run(drain=args.drain))
     except DB_ERRORS as exc:
