@@ -82,7 +82,8 @@ class _Track:
     segmenter: Segmenter
     ring: RingBuffer
     resampler: StreamResampler
-    # the latest finals with text (FINAL_CONTEXT_SEGMENTS), oldest first, since one without
+    # the latest finals with text, oldest first, at most FINAL_CONTEXT_SEGMENTS of them;
+    # a final without text empties it
     recent_finals: deque[tuple[Segment, str]]
     vad: VadState = field(default_factory=VadState)
     vad_pending: list[FloatArray] = field(default_factory=list)

@@ -56,6 +56,14 @@ def led_by(context: np.ndarray, prefix: str, segment: np.ndarray) -> AsrRequest:
     return AsrRequest("c", audio, True, "en", prefix=prefix, context=len(context))
 
 
+def assert_times_from_segment_start(result: AsrResult, segment: np.ndarray) -> None:
+    """Word times of a final led by context count from the segment's own start, not the
+    window's: within the segment, the first word in its first second."""
+    seconds = len(segment) / RATE
+    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
+    assert result.words[0].start < 1.0
+
+
 def test_what_counts_as_a_context_that_failed() -> None:
     said = "Password incorrect. Please enter your password followed by the pound key."
     assert _context_failed("", said)
@@ -84,10 +92,7 @@ def test_a_final_with_context_keeps_only_the_new_words(runner: CountingRunner) -
     assert wer(texts[SECOND], result.text) <= wer(texts[SECOND], alone.text) + 0.1
     assert normalise(result.text) == normalise(" ".join(w.word for w in result.words))
     assert not _context_failed(result.text, texts[FIRST])
-    # word times count from the segment's own start, not the window's
-    seconds = len(second) / RATE
-    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
-    assert result.words[0].start < 1.0
+    assert_times_from_segment_start(result, second)
 
 
 def test_a_final_led_by_two_segments_keeps_only_its_own_words(runner: CountingRunner) -> None:
@@ -101,9 +106,7 @@ def test_a_final_led_by_two_segments_keeps_only_its_own_words(runner: CountingRu
     words = normalise(result.text)
     assert words[:3] == ["please", "leave", "your"] and "conference" not in words
     assert wer(alone.text, result.text) <= 0.1
-    seconds = len(third) / RATE
-    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in result.words)
-    assert result.words[0].start < 1.0
+    assert_times_from_segment_start(result, third)
 
 
 def test_a_context_that_swallows_the_segment_is_dropped(runner: CountingRunner) -> None:
