@@ -1,15 +1,26 @@
-"""Who may connect, and how fast: ALLOWED_PEERS and the connection rate limit.
+"""Who may connect, and how many may wait to say who they are.
 
 AudioSocket has no authentication, so the first line of defence is the address: only peers in
-ALLOWED_PEERS (CIDR list; empty means any) are served. A token bucket bounds how many new
-connections a second are accepted (CONNECTION_RATE_LIMIT, with a burst of the same size), so a
-connection flood costs a few system calls per rejected socket and nothing more. Pure logic.
+ALLOWED_PEERS (CIDR list; empty means any) are served. Past that, a connection is a call as
+soon as its first message is a valid call id (Asterisk sends it at once), and a call is only
+bound by MAX_CALLS. The limits bind connections that have not identified yet: at most
+MAX_PENDING_CONNECTIONS at once, MAX_PENDING_PER_PEER from one address, each for at most
+CALL_ID_TIMEOUT. Past a limit, the oldest pending connections in that scope make room (they
+have had the longest to identify), but never one younger than a second (the grace: a real
+call's id may still be on its way) nor one whose call id is already waiting in its socket (a
+call about to be read). Only past four times MAX_PENDING_CONNECTIONS does the grace give way,
+so that a flood cannot run the process out of descriptors. A flood thus costs a socket and a
+close per connection and cannot take a real call's place, even from the PBX's own address.
+Pure logic: the clock and whether a call id is waiting are the caller's.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import time
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 class PeerFilter:
@@ -28,21 +39,73 @@ class PeerFilter:
         return any(address in network for network in self._networks)
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._last = time.monotonic()
+class PendingConnections(Generic[K]):
+    """Connections that have not sent their call id, oldest first, in total and per peer."""
 
-    def take(self, now: float | None = None) -> bool:
-        """One token if there is one: True when the connection may proceed."""
-        if self.rate <= 0:
-            return True
-        now = time.monotonic() if now is None else now
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+    def __init__(self, total: int, per_peer: int, grace: float = 1.0, ceiling: int = 4) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self.grace = grace  # seconds every connection gets, while under the ceiling
+        self.hard_total = total * ceiling  # past this, even the youngest make room
+        self._all: dict[K, tuple[str, float]] = {}  # connection -> (peer, opened), oldest first
+        self._by_peer: dict[str, dict[K, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._all
+
+    def from_peer(self, host: str) -> int:
+        return len(self._by_peer.get(host, ()))
+
+    def add(self, key: K, host: str, now: float, identifying: Callable[[K], bool]) -> list[K]:
+        """Track a new connection; return the older ones to close so that the limits hold."""
+        self._all[key] = (host, now)
+        self._by_peer.setdefault(host, {})[key] = now
+        return self._make_room(self._by_peer[host], now, identifying) + self.enforce(
+            now, identifying
+        )
+
+    def enforce(self, now: float, identifying: Callable[[K], bool]) -> list[K]:
+        """The connections to close now: past a limit, the oldest that had their grace;
+        past the ceiling, the oldest of all. `identifying(k)`: k's call id is waiting in its
+        socket; such a connection is never chosen (its next read makes it a call)."""
+        victims: list[K] = []
+        for peer in list(self._by_peer.values()):
+            victims += self._make_room(peer, now, identifying)
+        victims += self._make_room(self._all, now, identifying, limit=self.total)
+        victims += self._make_room(self._all, now, identifying, self.hard_total, grace=0.0)
+        return victims
+
+    def discard(self, key: K) -> None:
+        """The connection identified itself or closed: it no longer counts."""
+        entry = self._all.pop(key, None)
+        if entry is None:
+            return
+        peer = self._by_peer[entry[0]]
+        del peer[key]
+        if not peer:
+            del self._by_peer[entry[0]]
+
+    def _make_room(
+        self,
+        scope: dict[K, Any],
+        now: float,
+        identifying: Callable[[K], bool],
+        limit: int | None = None,
+        grace: float | None = None,
+    ) -> list[K]:
+        excess = len(scope) - (self.per_peer if limit is None else limit)
+        if excess <= 0:
+            return []
+        grace = self.grace if grace is None else grace
+        chosen: list[K] = []
+        for key in scope:  # oldest first; nothing is removed until the choice is made
+            if len(chosen) == excess or now - self._all[key][1] < grace:
+                break  # the rest are younger still
+            if not identifying(key):
+                chosen.append(key)
+        for key in chosen:
+            self.discard(key)
+        return chosen

@@ -60,6 +60,7 @@ __all__ = [
     "ProtocolError",
     "audio_kind_for_rate",
     "encode",
+    "starts_with_call_id",
 ]
 
 
@@ -484,6 +485,15 @@ class Decoder:
 
 # ---------------------------------------------------------------------------------------------
 # Encoder
+
+
+def starts_with_call_id(data: bytes) -> bool:
+    """Whether a stream that begins with `data` begins with a complete, well-formed call id
+    message: what admission asks of bytes still waiting in a socket, without reading them."""
+    if len(data) < HEADER_SIZE + _UUID_SIZE:
+        return False
+    kind, length = _HEADER.unpack_from(data)
+    return bool(kind == Kind.UUID and length == _UUID_SIZE)
 
 
 def _frame(kind: int, payload: bytes) -> bytes:

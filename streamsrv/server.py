@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 
 from streamsrv import audiosocket as aso
-from streamsrv.admission import PeerFilter, TokenBucket
+from streamsrv.admission import PeerFilter, PendingConnections
 from streamsrv.asr.executor import BatchExecutor
 from streamsrv.asr.models import resolve_model
 from streamsrv.asr.vad import SileroVad, VadState
@@ -59,7 +59,7 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.decoder = aso.Decoder()
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
+        self.host = self.peer = ""
         self.call: Call | None = None
         self.last_data = self.opened = time.monotonic()
         self.closed = False
@@ -68,14 +68,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) else ""
+        self.host = host = str(peer[0]) if isinstance(peer, tuple) else ""
         self.peer = f"{host}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        refusal = self.server.admit(host)
-        if refusal is not None:
-            self.closed = True
-            self.transport.abort()
+        if self.server.admit(host) is not None:
+            self.refuse()
             return
         self.server.connections.add(self)
+        self.server.wait_for_call_id(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_data = time.monotonic()
@@ -87,6 +86,30 @@ class Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
             self.server.paused_for_vad.add(self)
+
+    def refuse(self) -> None:
+        """Close at once, before any call exists: nothing to finish, nothing to log here."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def call_id_waiting(self) -> bool:
+        """Whether this connection's first message, a complete call id, is in its socket
+        unread: it is a call that the next read will identify. Peeks; reads nothing."""
+        if self.call is not None or self.closed or self.decoder.bytes_received:
+            return False
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        peek = socket.socket(fileno=sock.fileno())  # uvloop hands out a pseudo-socket
+        try:
+            waiting = peek.recv(aso.HEADER_SIZE + 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            waiting = b""
+        finally:
+            peek.detach()  # the transport still owns the descriptor
+        return aso.starts_with_call_id(waiting)
 
     def eof_received(self) -> bool:
         self._feed(b"")
@@ -136,7 +159,9 @@ class Connection(asyncio.Protocol):
         if isinstance(event, aso.CallId):
             if self.server.call_id_used(event.call_id):
                 raise aso.ProtocolError(f"call id {event.call_id} was already used")
-            self.call = self.server.open_call(event.call_id, self.peer)
+            self.call = self.server.open_call(self, event.call_id)
+            if self.call is None:
+                self.refuse()
         elif isinstance(event, aso.Dtmf):
             if self.call is not None:
                 self.call.on_dtmf(event)
@@ -224,8 +249,9 @@ class Server:
         self.accepting = False
         self.notifier = notifier or Notifier(None)
         self._peers = PeerFilter(settings.allowed_peers)
-        rate = settings.connection_rate_limit
-        self._bucket = TokenBucket(rate, burst=max(rate, 1.0))
+        self.pending: PendingConnections[Connection] = PendingConnections(
+            settings.max_pending_connections, settings.max_pending_per_peer
+        )
         self._refused: dict[str, int] = {}
         self._last_sweep = 0.0
         self._last_watchdog = 0.0
@@ -325,6 +351,7 @@ class Server:
     def forget(self, conn: Connection) -> None:
         """A connection closed: drop it, and wake whoever waits for the server to go idle."""
         self.connections.discard(conn)
+        self.pending.discard(conn)
         self._changed.set()
 
     def admit(self, host: str) -> str | None:
@@ -334,21 +361,36 @@ class Server:
             reason = "not_accepting"
         elif not self._peers.allows(host):
             reason = "peer_not_allowed"
-        elif not self._bucket.take():
-            reason = "rate_limited"
-        elif len(self.connections) >= self.settings.max_calls:
-            reason = "max_calls"
         if reason is not None:
-            self.metrics.connections_refused.labels(reason).inc()
-            if not self._refused:
-                # the first refusal is logged at once, the rest summed up once a second
-                log.warning("connection_refused", peer=host, reason=reason)
-            self._refused[reason] = self._refused.get(reason, 0) + 1
+            self._count_refusal(host, reason)
         return reason
 
-    def open_call(self, call_id: str, peer: str) -> Call:
+    def wait_for_call_id(self, conn: Connection) -> None:
+        """Count a new connection as pending; close the ones it pushes past the limits."""
+        now = time.monotonic()
+        self._close_pending(self.pending.add(conn, conn.host, now, Connection.call_id_waiting))
+
+    def _close_pending(self, victims: list[Connection]) -> None:
+        for victim in victims:
+            self.connections.discard(victim)
+            victim.refuse()
+            self._count_refusal(victim.host, "pending_limit")
+
+    def _count_refusal(self, host: str, reason: str) -> None:
+        self.metrics.connections_refused.labels(reason).inc()
+        if not self._refused:
+            # the first refusal is logged at once, the rest summed up once a second
+            log.warning("connection_refused", peer=host, reason=reason)
+        self._refused[reason] = self._refused.get(reason, 0) + 1
+
+    def open_call(self, conn: Connection, call_id: str) -> Call | None:
+        """The call a connection identified as, or None when MAX_CALLS are open."""
         assert self.services is not None
-        call = Call(self.services, call_id, peer)
+        self.pending.discard(conn)
+        if len(self.calls) >= self.settings.max_calls:
+            self._count_refusal(conn.host, "max_calls")
+            return None
+        call = Call(self.services, call_id, conn.peer)
         self.calls[call_id] = call
         self.metrics.calls_total.inc()
         self.metrics.calls_active.inc()
@@ -446,6 +488,7 @@ class Server:
             elif conn.call is not None and now - conn.opened > s.max_call_seconds:
                 log.warning("max_call_seconds", call_id=call_id, seconds=s.max_call_seconds)
                 conn.end("max_duration")
+        self._close_pending(self.pending.enforce(now, Connection.call_id_waiting))
         if self._refused:
             log.warning("connections_refused", **self._refused)
             self._refused = {}
