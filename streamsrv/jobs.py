@@ -7,9 +7,11 @@ an advisory lock, so any number of processes may run them at once and re-running
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import structlog
@@ -108,6 +110,19 @@ async def run_migrations(database_url: str) -> None:
         await migrate(conn)
     finally:
         await conn.close()
+
+
+def tcp_address(url: str) -> tuple[str, int] | None:
+    """(host, port) of a postgresql:// URL with one TCP host; None for anything else."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if not parts.hostname or "host" in query or "port" in query or "," in parts.netloc:
+        return None
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        return None
+    return (parts.hostname, port)
 
 
 class JobStore:
@@ -216,6 +231,22 @@ class JobStore:
     @property
     def started(self) -> bool:
         return self._pool is not None
+
+    async def reachable(self, within: float) -> bool:
+        """Whether Postgres's address accepts a TCP connection: the cheap probe while it is
+        away. True when the address is not a plain host and port (a Unix socket directory,
+        several hosts): then only a real connection attempt can tell."""
+        address = tcp_address(self._url)
+        if address is None:
+            return True
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*address), within)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def check_or_raise(self) -> None:
         """A cheap round trip that raises when Postgres does not answer."""

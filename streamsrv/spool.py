@@ -4,8 +4,12 @@ Every write a call makes to Postgres (its row at start, its job, its row at end)
 CallStore. While Postgres answers and nothing is spooled, writes go straight to it. When a write
 fails, it and every later write are appended to SPOOL_DIR/pending as one fsync'd JSON file each,
 and a replayer applies them in order once Postgres is back, deleting each file after it is
-applied. Every write is idempotent (insert-or-nothing, upsert), so a crash between applying and
-deleting replays it harmlessly: each row and job lands exactly once.
+applied. While Postgres is away the replayer probes it every half second with a bare TCP
+connect (no pool, no authentication, nothing in Postgres's log), so the spool lands within a
+second or two of Postgres accepting connections again, however long the outage was; a
+reachable Postgres that still refuses the session (starting up, recovering) is retried at
+most every two seconds. Every write is idempotent (insert-or-nothing, upsert), so a crash
+between applying and deleting replays it harmlessly: each row and job lands exactly once.
 
 The journal (SPOOL_DIR/open) holds one file per call in progress. A call that is still in the
 journal when the server starts again was open when the previous process died: the server closes
@@ -94,10 +98,13 @@ class Spool:
 class CallStore:
     """Call rows and jobs that survive Postgres outages and restarts (see module docstring)."""
 
-    def __init__(self, jobs: JobStore, spool: Spool, retry_seconds: float = 1.0) -> None:
+    def __init__(
+        self, jobs: JobStore, spool: Spool, probe_seconds: float = 0.5, retry_max: float = 2.0
+    ) -> None:
         self.jobs = jobs
         self.spool = spool
-        self._retry = retry_seconds
+        self._probe = probe_seconds
+        self._retry_max = retry_max
         self._connected = False
         self._spooled = 0  # files in the spool, as far as this process knows
         self._wake = asyncio.Event()
@@ -162,15 +169,18 @@ class CallStore:
             return None
 
     async def _replay_loop(self) -> None:
-        delay = self._retry
+        delay = self._probe
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
+            delay = self._probe
             if not self._spooled and self._connected:
-                delay = self._retry
                 continue
-            delay = self._retry if await self._replay() else min(delay * 2, 30.0)
+            if not self._connected and not await self.jobs.reachable(within=self._probe):
+                continue  # still away: probe again soon
+            if not await self._replay():  # it answers TCP but not yet a session
+                delay = self._retry_max
 
     async def _replay(self) -> bool:
         """Apply the spool in order; True when it is empty and Postgres answers."""

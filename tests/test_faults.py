@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 import wave
 from pathlib import Path
@@ -182,7 +183,10 @@ async def test_redis_down_mid_call(settings_env, tmp_path):
         assert w.readframes(w.getnframes()) == call.pcm
 
 
-async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path):
+@pytest.mark.parametrize("outage", [5.0, 60.0])
+async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path, outage):
+    """Writes made while Postgres is away land within 5 s of it accepting connections again,
+    in order and once, after a short outage and a long one."""
     pg = PrivatePostgres(tmp_path / "pg-state")
     try:
         url = pg.up()
@@ -192,6 +196,7 @@ async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path):
         ids = [str(uuid.uuid4()) for _ in calls]
         async with running_server(settings) as server, Collector(settings) as collected:
             pg.stop()
+            stopped = time.monotonic()
             await asyncio.gather(
                 *(
                     play_call("127.0.0.1", server.audiosocket_port, c.pcm, call_id=i, speed=4)
@@ -208,12 +213,17 @@ async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path):
                 ended = collected.by_call[call_id][-1]
                 assert ended["type"] == "call_ended" and ended["job_id"] is None
                 assert any(m["type"] == "final" for m in collected.by_call[call_id])
-            pg.start(port)
-            for _ in range(400):
-                if server.store.spooled == 0:
+            await asyncio.sleep(max(0.0, stopped + outage - time.monotonic()))
+            pg.start(port)  # returns once Postgres accepts connections
+            accepting = time.monotonic()
+            for _ in range(600):
+                if not server.store.spooled:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.05)
+            landed = time.monotonic() - accepting
+            print(f"after {outage:.0f} s away, the spool landed {landed:.2f} s after Postgres")
             assert server.store.spooled == 0
+            assert landed < 5.0
             status, body = await get(server.http_port, "/health")
             assert json.loads(body)["postgres"] == "ok"
         assert not list((settings.spool_dir / "pending").glob("*.json"))
