@@ -1,5 +1,6 @@
-"""`python -m benchmarks [all|live|sweep|ingest]`: see benchmarks/RESULTS.md for what each
-figure means. With no arguments (`make bench`): the default sweep, then the default ingest."""
+"""`python -m benchmarks [all|live|burst|sweep|ingest]`: see benchmarks/RESULTS.md for what each
+figure means. With no arguments (`make bench`): the default sweep (each count staggered and as
+a burst), then the default ingest."""
 
 from __future__ import annotations
 
@@ -57,8 +58,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     _common(live, DEFAULT_SECONDS)
 
-    sweep = sub.add_parser("sweep", help="live at several call counts, table and plot")
+    burst = sub.add_parser("burst", help="N short calls connecting within 0.2 s: lag, WER")
+    burst.add_argument("--calls", type=int, required=True)
+    burst.add_argument("--prompts", type=int, default=bc.BURST_PROMPTS, help="prompts per call")
+    burst.add_argument("--stagger", type=float, default=bc.BURST_STAGGER_SECONDS)
+    _common(burst, DEFAULT_SECONDS)
+
+    sweep = sub.add_parser(
+        "sweep", help="live at several call counts, staggered and as a burst: table and plot"
+    )
     sweep.add_argument("--calls", type=_calls_list, default=_calls_list(DEFAULT_SWEEP))
+    sweep.add_argument("--no-burst", action="store_true", help="only the staggered runs")
     sweep.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     _common(sweep, DEFAULT_SECONDS)
 
@@ -85,22 +95,44 @@ def live_details(r: LiveResult) -> str:
         f"{r.bytes_sent}/{r.bytes_received}, recorded {r.recorded_seconds:.2f} s; partials shed "
         f"{r.partials_shed}; calls not ended {r.calls_not_ended}\n"
         f"  calls served postcall_only {r.calls_postcall_only} (not in the lags or WER); "
-        f"post-call jobs written {r.jobs_written}; calls started within {r.stagger:.0f} s\n"
+        f"post-call jobs written {r.jobs_written}; calls started within {r.stagger:g} s\n"
         f"  Redis delivery p95 {r.delivery_p95 * 1000:.1f} ms, client pacing late p99 "
         f"{r.client_late_p99_ms:.1f} ms (both are in the lags; large values void the run)"
     )
 
 
 def do_sweep(
-    counts: list[int], seconds: float, seed: int, env: dict[str, str], env_file: Path
+    counts: list[int],
+    seconds: float,
+    seed: int,
+    env: dict[str, str],
+    env_file: Path,
+    burst: bool = True,
 ) -> list[LiveResult]:
+    """At each count: the staggered long calls, then (with `burst`) the burst of short ones."""
     offline = OfflineTranscriber()
     results = []
     for n in counts:
         print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
         results.append(run_live(n, seconds, seed, env, offline, env_file))
         print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
+        if burst:
+            print(f"burst: {n} call(s) ...", file=sys.stderr, flush=True)
+            results.append(run_burst(n, bc.BURST_PROMPTS, seed, env, offline, env_file))
+            print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
     return results
+
+
+def run_burst(
+    n: int,
+    prompts: int,
+    seed: int,
+    env: dict[str, str],
+    offline: OfflineTranscriber,
+    env_file: Path,
+    stagger: float = bc.BURST_STAGGER_SECONDS,
+) -> LiveResult:
+    return run_live(n, 0.0, seed, env, offline, env_file, stagger, prompts=prompts)
 
 
 def sweep_summary(results: list[LiveResult]) -> str:
@@ -137,11 +169,21 @@ def main(argv: list[str]) -> int:
         body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
         print(body)
         blocks.append((f"live, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
+    if args.command == "burst":
+        offline = OfflineTranscriber()
+        live = run_burst(
+            args.calls, args.prompts, args.seed, env, offline, args.env_file, args.stagger
+        )
+        results.append(live)
+        body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
+        print(body)
+        blocks.append((f"burst, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
     if args.command in ("sweep", "all"):
         counts = args.calls if args.command == "sweep" else _calls_list(DEFAULT_SWEEP)
         seconds = args.seconds if args.command == "sweep" else DEFAULT_SECONDS
         seed = args.seed if args.command == "sweep" else 1
-        sweep = do_sweep(counts, seconds, seed, env, args.env_file)
+        no_burst = args.command == "sweep" and args.no_burst
+        sweep = do_sweep(counts, seconds, seed, env, args.env_file, burst=not no_burst)
         results += sweep
         body = sweep_summary(sweep)
         print(body)

@@ -64,14 +64,16 @@ def speech_span(pcm: bytes, start: float, end: float) -> tuple[float, float]:
     return start + loud[0] / 100, start + (loud[-1] + 1) / 100
 
 
-def build_bench_call(seed: int, seconds: float, pause: float = 1.0) -> BenchCall:
-    """Corpus prompts in a seed-dependent order with `pause` s between them, until about
-    `seconds` of audio."""
+def build_bench_call(
+    seed: int, seconds: float, pause: float = 1.0, prompts: int | None = None
+) -> BenchCall:
+    """Corpus prompts in a seed-dependent order with `pause` s between them: until about
+    `seconds` of audio, or exactly `prompts` of them (a short call of a burst)."""
     names = corpus.pick_prompts(len(corpus.spoken_prompts()), seed)
     chosen: list[str] = []
     total = pause
     for name in names:
-        if chosen and total >= seconds:
+        if chosen and (len(chosen) == prompts if prompts else total >= seconds):
             break
         chosen.append(name)
         total += len(corpus.read_prompt(name)) / 2 / RATE + pause
@@ -144,6 +146,8 @@ async def play(
 
 
 STAGGER_SECONDS = 2.0  # calls start at random within this many seconds unless told otherwise
+BURST_STAGGER_SECONDS = 0.2  # a burst: every call connects within this
+BURST_PROMPTS = 4  # a burst's calls are this many prompts each
 
 
 def stagger(count: int, seed: int, within: float = STAGGER_SECONDS) -> list[float]:

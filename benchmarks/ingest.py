@@ -5,6 +5,12 @@ One asyncio task paces each call; the calls are shared among several worker proc
 one Python process cannot pace hundreds of 20 ms streams on time. Each worker reports how late
 its frames left, so a client that could not keep up is visible rather than mistaken for the
 server dropping audio.
+
+Its cost is reported in two parts, as they scale differently: the steady state (CPU ms per
+audio second, over a window in which every call is up and none starts or ends) and the start and
+end of a call (CPU ms per call: the rest of the run's CPU, by difference; rows, journal, job,
+publishes and the fsyncs that make them durable). Short calls pay the second part more often
+per audio second.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from benchmarks import harness as h
 
 CALLS_PER_PROCESS = 100
 START_DELAY = 3.0  # s for the workers to spawn and import before the first call
+EDGE = 0.5  # s kept between the steady window and the last start / the first end
 
 
 @dataclass
@@ -33,6 +40,9 @@ class IngestResult(h.ServerFigures):
     env: dict[str, str]
     audio_seconds: float
     cpu_ms_per_audio_s: float
+    steady_ms_per_audio_s: float  # every call up, none starting or ending
+    steady_window_s: float
+    ms_per_call: float  # start and end of one call: the rest of the CPU, by difference
     calls_ended: int
     call_errors: int
     client_late_p99_ms: float
@@ -70,6 +80,20 @@ async def _play_share(
         "errors": [repr(e) for e in outcomes if not isinstance(e, bc.Played)],
         **bc.lateness_summary([x for p in played for x in p.lateness]),
     }
+
+
+def _steady_window(
+    server: h.ServerProcess, start_at: float, seconds: float
+) -> tuple[h.Snapshot, h.Snapshot] | None:
+    """Snapshots bracketing the time when every call is up and none has ended (calls start
+    within STAGGER_SECONDS of start_at); None when the calls are too short to have one."""
+    opens, closes = start_at + bc.STAGGER_SECONDS + EDGE, start_at + seconds - EDGE
+    if closes - opens < 2.0:
+        return None
+    time.sleep(max(0.0, opens - time.time()))
+    first = server.snapshot()
+    time.sleep(max(0.0, closes - time.time()))
+    return first, server.snapshot()
 
 
 def _wait_calls_ended(
@@ -111,6 +135,7 @@ def run_ingest(
             ]
             time.sleep(max(0.0, start_at - time.time() - 0.1))
             before = server.snapshot()
+            steady = _steady_window(server, start_at, seconds)
             workers = [f.result() for f in futures]
         after = _wait_calls_ended(server, before, n_calls, timeout=60 + s.drain_timeout)
         rss = server.peak_rss_mb()
@@ -118,6 +143,12 @@ def run_ingest(
     frames_sent = sum(w["frames_sent"] for w in workers)
     audio_seconds = frames_sent * bc.FRAME_S
     cpu = after.cpu_seconds - before.cpu_seconds
+    steady_ms, window = math.nan, 0.0
+    if steady is not None:
+        first, last = steady
+        window = last.at - first.at
+        steady_ms = 1000 * (last.cpu_seconds - first.cpu_seconds) / (n_calls * window)
+    per_call = (1000 * cpu - steady_ms * audio_seconds) / n_calls
     return IngestResult(
         **h.server_figures(
             before,
@@ -133,6 +164,9 @@ def run_ingest(
         env=env,
         audio_seconds=audio_seconds,
         cpu_ms_per_audio_s=1000 * cpu / audio_seconds if audio_seconds else math.nan,
+        steady_ms_per_audio_s=steady_ms,
+        steady_window_s=window,
+        ms_per_call=per_call,
         calls_ended=int(h.delta(before, after, "streamsrv_calls_ended_total")),
         call_errors=sum(len(w["errors"]) for w in workers),
         client_late_p99_ms=max(w["p99_ms"] for w in workers),

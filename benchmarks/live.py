@@ -2,8 +2,9 @@
 
 Phases: start the server, warm it up with one short call (the first batches pay one-off
 allocation costs that are not steady-state), snapshot its counters, play the calls (staggered
-within the first 2 s), wait for every call_ended, snapshot again, stop the server, and only then
-transcribe the same audio offline for the WER baseline.
+within the first 2 s, or all within 0.2 s for a burst of short calls), wait for every
+call_ended, snapshot again, stop the server, and only then transcribe the same audio offline
+for the WER baseline.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class LiveResult(h.ServerFigures):
     calls_postcall_only: int  # served without live transcription (overload): not in lags, WER
     jobs_written: int  # post-call jobs the server wrote during the run
     stagger: float  # calls started at random within this many seconds
+    prompts: int | None = None  # a burst: calls of this many prompts each instead of `seconds`
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -73,6 +75,13 @@ class LiveResult(h.ServerFigures):
             "calls not ended": self.calls_not_ended == 0,
         }
         return [name for name, ok in checks.items() if not ok]
+
+    @property
+    def scenario(self) -> str:
+        """`burst` (short calls connecting together) or `staggered` (long calls)."""
+        if self.prompts:
+            return f"burst ({self.prompts} prompts, {self.stagger:g} s)"
+        return f"staggered ({self.seconds:.0f} s, {self.stagger:g} s)"
 
     @property
     def holds_bar(self) -> bool:
@@ -117,10 +126,14 @@ def run_live(
     offline: OfflineTranscriber,
     env_file: Path = h.DEFAULT_ENV_FILE,
     stagger: float = bc.STAGGER_SECONDS,
+    prompts: int | None = None,
 ) -> LiveResult:
     """Past capacity some calls may be served as postcall_only (their call_started says so):
-    they have no live transcript by design, so they are counted, not measured."""
-    calls = [bc.build_bench_call(call_seed(seed, i), seconds) for i in range(n_calls)]
+    they have no live transcript by design, so they are counted, not measured. With `prompts`,
+    each call is that many prompts long instead of about `seconds` (a burst of short calls)."""
+    calls = [
+        bc.build_bench_call(call_seed(seed, i), seconds, prompts=prompts) for i in range(n_calls)
+    ]
     server = h.ServerProcess(env, env_file)
     with server:
         played, collector, before, after, rss, not_ended = asyncio.run(
@@ -208,5 +221,6 @@ def run_live(
         calls_postcall_only=postcall_only,
         jobs_written=int(h.delta(before, after, "streamsrv_postcall_jobs_total")),
         stagger=stagger,
+        prompts=prompts,
         per_call=per_call,
     )

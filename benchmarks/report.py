@@ -42,6 +42,7 @@ def num(value: float, digits: int = 2) -> str:
 def live_row(r: LiveResult) -> dict[str, str]:
     return {
         "calls": str(r.calls),
+        "scenario": r.scenario,
         "audio s": num(r.audio_seconds, 0),
         "word lag p50 / p95 s": f"{num(r.word_lag_p50)} / {num(r.word_lag_p95)}",
         "words missing": f"{r.words_missing}/{r.words}",
@@ -62,7 +63,9 @@ def ingest_row(r: IngestResult) -> dict[str, str]:
     return {
         "calls": str(r.calls),
         "s each": num(r.seconds, 0),
-        "CPU ms per audio s": num(r.cpu_ms_per_audio_s, 2),
+        "CPU ms per audio s, all": num(r.cpu_ms_per_audio_s, 2),
+        "steady state ms per audio s": num(r.steady_ms_per_audio_s, 2),
+        "start + end ms per call": num(r.ms_per_call, 1),
         "frames sent / lost": f"{r.frames_sent} / {r.frames_lost}",
         "bytes sent / received": f"{r.bytes_sent} / {r.bytes_received}",
         "recorded / sent audio s": f"{num(r.recorded_seconds, 1)} / {num(r.audio_seconds, 1)}",
@@ -146,6 +149,7 @@ def model_settings(settings: Settings) -> str:
         f"{settings.realtime_model_name(device)} ({device}, "
         f"{settings.realtime_whisper_compute_type}), "
         f"FINAL_BEAM_SIZE={settings.final_beam(device)}, "
+        f"CONTEXTLESS_FINAL_BEAM_SIZE={settings.contextless_final_beam(device)}, "
         f"CPU_THREADS={settings.cpu_threads}, MAX_BATCH_SIZE={settings.max_batch_size}, "
         f"PARTIAL_INTERVAL={settings.partial_interval}, "
         f"MIN_WINDOW_SECONDS={settings.min_window_seconds}, "

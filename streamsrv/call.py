@@ -65,6 +65,7 @@ class CallServices:
     metrics: Metrics
     executor: BatchExecutor[AsrRequest, AsrResult] | None
     load: Callable[[], float] = lambda: 0.0  # 0 idle .. 1 saturated, stretches partials
+    final_beams: tuple[int, int] = (1, 5)  # beam of a final led by context, and of one not
 
 
 @dataclass
@@ -298,7 +299,8 @@ class Call:
 
     def _request_final(self, track: _Track, segment: Segment) -> None:
         assert self.s.executor is not None
-        start, prefix = self._final_context(track, segment) or (segment.start, "")
+        context = self._final_context(track, segment)
+        start, prefix = context or (segment.start, "")
         request = AsrRequest(
             self.call_id,
             track.ring.read(start, segment.end),
@@ -307,8 +309,9 @@ class Call:
             prompt=self._prompt(),
             prefix=prefix,
             context=segment.start - start,
+            beam_size=self.s.final_beams[0 if context else 1],
         )
-        future = self.s.executor.submit(request, priority=0, key="final")
+        future = self.s.executor.submit(request, priority=0, key=request.batch_key)
         track.finals.append(_PendingFinal(segment, future, track.open_number, track.open_text))
         track.open_number, track.open_text = None, ""
         track.last_partial_end = segment.end
@@ -342,7 +345,9 @@ class Call:
             prompt=self._prompt(),
         )
         try:
-            future = self.s.executor.submit(request, priority=1, key="partial", sheddable=True)
+            future = self.s.executor.submit(
+                request, priority=1, key=request.batch_key, sheddable=True
+            )
         except QueueFull:
             self.s.metrics.partials_shed.inc()
             return

@@ -135,6 +135,7 @@ class Settings:
     )
     language: str = _var("LANGUAGE", "auto")
     final_beam_size: int | None = _var("FINAL_BEAM_SIZE", None, _optional_int)
+    contextless_final_beam_size: int = _var("CONTEXTLESS_FINAL_BEAM_SIZE", 5, int)
     condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
     final_context: bool = _var("FINAL_CONTEXT", True, _bool)
     final_context_segments: int = _var("FINAL_CONTEXT_SEGMENTS", 2, int)
@@ -203,6 +204,10 @@ class Settings:
         need(
             self.final_beam_size is None or 1 <= self.final_beam_size <= 10,
             "FINAL_BEAM_SIZE: between 1 and 10, or empty",
+        )
+        need(
+            1 <= self.contextless_final_beam_size <= 10,
+            "CONTEXTLESS_FINAL_BEAM_SIZE: between 1 and 10",
         )
         need(
             1 <= self.final_context_segments <= 4,
@@ -293,6 +298,12 @@ class Settings:
         if self.final_beam_size is not None:
             return self.final_beam_size
         return 5 if device == "cuda" else 1
+
+    def contextless_final_beam(self, device: str) -> int:
+        """Beam size of a final that no earlier segment leads (a call's first, or one whose
+        predecessor is still pending or was noise): CONTEXTLESS_FINAL_BEAM_SIZE, never less
+        than final_beam. Such a final hears only its own few seconds padded with silence."""
+        return max(self.final_beam(device), self.contextless_final_beam_size)
 
     def postcall_compute_type(self, device: str) -> str:
         if self.postcall_whisper_compute_type:

@@ -266,8 +266,16 @@ class Server:
         await recover_open_calls(self.store, self.publisher, self.settings)
         if s.live_asr:
             await self._load_model()
+        device = s.device
         self.services = CallServices(
-            s, self.publisher, self.store, self.recorder, self.metrics, self.executor, self.load
+            s,
+            self.publisher,
+            self.store,
+            self.recorder,
+            self.metrics,
+            self.executor,
+            self.load,
+            (s.final_beam(device), s.contextless_final_beam(device)),
         )
         loop = asyncio.get_running_loop()
         self._tcp = await loop.create_server(

@@ -142,3 +142,16 @@ def test_a_tone_after_speech_stays_silent_with_context(runner: CountingRunner) -
     led = led_by(spoken(SECOND, 0.6), texts[SECOND], spoken("beep", 0.2))
     [result] = runner.run_batch([led])
     assert (result.text, result.words) == ("", [])
+
+
+def test_a_batch_runs_one_decoding_and_refuses_requests_that_need_another(runner):
+    """A batch is decoded once for all its requests: final or partial, beam and language must
+    agree, and a batch that mixes them is refused instead of decoding some of them wrongly."""
+    audio = spoken(FIRST, 0.3)
+    greedy, beam = (AsrRequest("c", audio, True, "en", beam_size=b) for b in (1, 5))
+    partial = AsrRequest("c", audio, False, "en")
+    for mixed in ([greedy, beam], [greedy, partial]):
+        with pytest.raises(ValueError, match="mixes"):
+            runner.run_batch(mixed)
+    results = runner.run_batch([beam, beam])
+    assert all(wer(corpus.texts()[FIRST], r.text) <= 0.2 for r in results), results

@@ -52,6 +52,12 @@ class AsrRequest:
     prompt: str = ""
     prefix: str = ""  # the final text of `context`
     context: int = 0  # samples at the start of `audio` already transcribed as `prefix`
+    beam_size: int = 1
+
+    @property
+    def batch_key(self) -> tuple[bool, int, str | None]:
+        """What every request of one batch must share: the decoding runs once for all."""
+        return (self.final, self.beam_size, self.language)
 
 
 @dataclass(slots=True)
@@ -111,7 +117,6 @@ class WhisperRunner:
             num_workers=settings.live_workers(device),
         )
         self.multilingual: bool = self.model.model.is_multilingual
-        self.final_beam = settings.final_beam(device)
         self._tokenizers: dict[str, Any] = {}
 
     def tokenizer(self, language: str) -> Any:
@@ -194,11 +199,13 @@ class WhisperRunner:
             tok.encode(" " + req.prefix.strip()) if req.context and req.prefix.strip() else []
             for tok, req in zip(tokenizers, batch, strict=True)
         ]
-        final = batch[0].final
+        final, beam_size, _ = key = batch[0].batch_key
+        if any(req.batch_key != key for req in batch):
+            raise ValueError(f"a batch mixes {sorted({req.batch_key for req in batch})}")
         results = self.model.model.generate(
             encoded,
             self._prompts(tokenizers, batch, prefixes),
-            beam_size=self.final_beam if final else 1,
+            beam_size=beam_size,
             max_length=224,
             return_scores=True,
             return_no_speech_prob=True,
