@@ -42,6 +42,7 @@ from streamsrv.audio import (
     ulaw_to_pcm16,
 )
 from streamsrv.config import Settings
+from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
 from streamsrv.recordings import Recording, RecordingWriter
@@ -64,6 +65,7 @@ class CallServices:
     recorder: RecordingWriter
     metrics: Metrics
     executor: BatchExecutor[AsrRequest, AsrResult] | None
+    journal: Journal
     load: Callable[[], float] = lambda: 0.0  # 0 idle .. 1 saturated, stretches partials
     final_beams: tuple[int, int] = (1, 5)  # beam of a final led by context, and of one not
 
@@ -253,7 +255,6 @@ class Call:
         assert self._recording is not None
         await self._recording.flush()  # the file exists, under the name it really got
         info = {
-            "call_id": self.call_id,
             "created_at": self.created_at.isoformat(),
             "peer": self.peer,
             "sample_rate": rate,
@@ -261,7 +262,7 @@ class Call:
             "recording": str(self._recording.path),
             "channel_prefix": self.settings.redis_channel_prefix,
         }
-        await asyncio.to_thread(self.s.store.spool.journal_open, self.call_id, info)
+        await self.s.journal.opened(self.call_id, info)
         await self.s.store.call_started(
             call_id=self.call_id,
             created_at=self.created_at,
@@ -510,7 +511,7 @@ class Call:
                 language=self.language,
                 status=status,
             )
-            await asyncio.to_thread(self.s.store.spool.journal_close, self.call_id)
+            await self.s.journal.closed(self.call_id)
         except Exception:  # the call's end must still go out; the journal keeps it for recovery
             self.log.exception("call_records_failed")
         self._emit(

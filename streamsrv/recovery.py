@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from streamsrv.config import Settings
+from streamsrv.journal import Journal
 from streamsrv.publish import Publisher
 from streamsrv.recordings import repair_wav
 from streamsrv.spool import CallStore
@@ -44,15 +45,21 @@ async def _stream_state(settings: Settings, prefix: str, call_id: str) -> tuple[
     return last_seq, text
 
 
-async def recover_open_calls(store: CallStore, publisher: Publisher, settings: Settings) -> int:
-    entries = await asyncio.to_thread(store.spool.journal)
+async def recover_open_calls(
+    journal: Journal, store: CallStore, publisher: Publisher, settings: Settings
+) -> int:
+    entries = await asyncio.to_thread(journal.entries)
     for info in entries:
-        await _recover(info, store, publisher, settings)
+        await _recover(info, journal, store, publisher, settings)
     return len(entries)
 
 
 async def _recover(
-    info: dict[str, Any], store: CallStore, publisher: Publisher, settings: Settings
+    info: dict[str, Any],
+    journal: Journal,
+    store: CallStore,
+    publisher: Publisher,
+    settings: Settings,
 ) -> None:
     call_id = info["call_id"]
     path = Path(info["recording"])
@@ -104,7 +111,7 @@ async def _recover(
         },
         lifecycle=True,
     )
-    await asyncio.to_thread(store.spool.journal_close, call_id)
+    await journal.closed(call_id)
     log.warning(
         "call_recovered",
         call_id=call_id,

@@ -37,6 +37,7 @@ from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
 from streamsrv.http import HttpApi
 from streamsrv.jobs import JobStore
+from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
 from streamsrv.recordings import RecordingWriter
@@ -228,6 +229,7 @@ class Server:
         self.publisher = Publisher(settings)
         self.store = CallStore(JobStore(settings), Spool(settings.spool_dir))
         self.recorder = RecordingWriter(settings.recordings_dir)
+        self.journal = Journal(settings.spool_dir)
         self.connections: set[Connection] = set()
         self.calls: dict[str, Call] = {}
         self.finishing: set[asyncio.Task[None]] = set()
@@ -263,7 +265,8 @@ class Server:
         await self.store.start()
         await self.publisher.start()
         self.recorder.start()
-        await recover_open_calls(self.store, self.publisher, self.settings)
+        await asyncio.to_thread(self.journal.start)
+        await recover_open_calls(self.journal, self.store, self.publisher, self.settings)
         if s.live_asr:
             await self._load_model()
         device = s.device
@@ -274,6 +277,7 @@ class Server:
             self.recorder,
             self.metrics,
             self.executor,
+            self.journal,
             self.load,
             (s.final_beam(device), s.contextless_final_beam(device)),
         )
@@ -574,6 +578,7 @@ class Server:
             await self.executor.close()
         self._vad_pool.shutdown(wait=True)
         await self.recorder.close()
+        await self.journal.close()
         await self.publisher.close(timeout=5.0)
         await self.store.close()
         self.notifier.close()

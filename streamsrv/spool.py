@@ -11,9 +11,7 @@ reachable Postgres that still refuses the session (starting up, recovering) is r
 most every two seconds. Every write is idempotent (insert-or-nothing, upsert), so a crash
 between applying and deleting replays it harmlessly: each row and job lands exactly once.
 
-The journal (SPOOL_DIR/open) holds one file per call in progress. A call that is still in the
-journal when the server starts again was open when the previous process died: the server closes
-it out as interrupted (recover_open_calls). All file I/O runs in worker threads.
+All file I/O runs in worker threads. The journal of open calls is streamsrv.journal.
 """
 
 from __future__ import annotations
@@ -61,16 +59,14 @@ def _decode(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 class Spool:
-    """The files: pending writes in order, and the journal of open calls."""
+    """The files of pending writes, in order."""
 
     def __init__(self, directory: Path) -> None:
         self.pending_dir = directory / "pending"
-        self.open_dir = directory / "open"
         self._seq = itertools.count()
 
     def prepare(self) -> None:
         self.pending_dir.mkdir(parents=True, exist_ok=True)
-        self.open_dir.mkdir(parents=True, exist_ok=True)
 
     def append(self, op: Op) -> None:
         name = f"{time.time_ns():020d}-{next(self._seq):06d}.json"
@@ -78,21 +74,6 @@ class Spool:
 
     def pending(self) -> list[Path]:
         return sorted(self.pending_dir.glob("*.json"))
-
-    def journal_open(self, call_id: str, info: dict[str, Any]) -> None:
-        _write_durably(self.open_dir / f"{call_id}.json", info)
-
-    def journal_close(self, call_id: str) -> None:
-        (self.open_dir / f"{call_id}.json").unlink(missing_ok=True)
-
-    def journal(self) -> list[dict[str, Any]]:
-        entries = []
-        for path in sorted(self.open_dir.glob("*.json")):
-            try:
-                entries.append(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
-                log.error("journal_unreadable", path=str(path), error=repr(exc))
-        return entries
 
 
 class CallStore:

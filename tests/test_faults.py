@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from streamsrv import corpus
 from streamsrv.config import Settings
+from streamsrv.journal import read_journal
 from streamsrv.simulate import play_call
 from tests.conftest import SERVICES_SH, read_env_file
 from tests.e2e import (
@@ -227,7 +228,7 @@ async def test_postgres_down_spools_then_writes_once(settings_env, tmp_path, out
             status, body = await get(server.http_port, "/health")
             assert json.loads(body)["postgres"] == "ok"
         assert not list((settings.spool_dir / "pending").glob("*.json"))
-        assert not list((settings.spool_dir / "open").glob("*.json"))
+        assert not read_journal(settings.spool_dir / "journal")
         conn = await asyncpg.connect(url)
         try:
             rows = await conn.fetch(
@@ -263,12 +264,12 @@ async def test_sigkill_mid_call_then_restart_closes_the_call_out(settings_env, d
         await server.wait(10)
         with pytest.raises(OSError):
             await playing  # Asterisk sees the socket die
-    assert (settings.spool_dir / "open" / f"{call_id}.json").exists()
+    assert call_id in read_journal(settings.spool_dir / "journal")
     async with Collector(settings) as collected, server_process(env):
         await collected.wait_ended([call_id], within=20)
     ended = collected.by_call[call_id][-1]
     assert ended["reason"] == "interrupted"
-    assert not (settings.spool_dir / "open" / f"{call_id}.json").exists()
+    assert call_id not in read_journal(settings.spool_dir / "journal")
     with wave.open(str(recording_path(settings, call_id))) as w:
         recorded = w.readframes(w.getnframes())
     assert len(recorded) > 8000 * 2 * 1.5  # some seconds of audio reached the disk
