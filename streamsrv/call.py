@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 
 from streamsrv import audiosocket as aso
+from streamsrv import events
 from streamsrv.asr.executor import BatchExecutor, QueueFull
 from streamsrv.asr.segmenter import Segment, Segmenter
 from streamsrv.asr.vad import VadState
@@ -46,6 +47,7 @@ from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
 from streamsrv.recordings import Recording, RecordingWriter
+from streamsrv.records import CallEndedRow, CallStartedRow, JobRow
 from streamsrv.ringbuffer import RingBuffer
 from streamsrv.spool import CallStore
 
@@ -189,7 +191,9 @@ class Call:
             self._start(self._default_rate())
         self.dtmf += message.digit
         self.s.metrics.dtmf.inc()
-        self._emit("dtmf", {"digit": message.digit, "at": round(self.audio_seconds, 3)})
+        self._emit(
+            events.Dtmf(call_id=self.call_id, digit=message.digit, at=round(self.audio_seconds, 3))
+        )
 
     @property
     def audio_seconds(self) -> float:
@@ -239,14 +243,13 @@ class Call:
             )
         self._row_written = asyncio.get_running_loop().create_task(self._record_start(rate))
         self._emit(
-            "call_started",
-            {
-                "started_at": self.created_at.timestamp(),
-                "peer": self.peer,
-                "sample_rate": rate,
-                "processing_mode": self.mode,
-            },
-            lifecycle=True,
+            events.CallStarted(
+                call_id=self.call_id,
+                started_at=self.created_at.timestamp(),
+                peer=self.peer,
+                sample_rate=rate,
+                processing_mode=self.mode,
+            )
         )
         self.log.info("call_started", peer=self.peer, sample_rate=rate, mode=self.mode)
 
@@ -264,11 +267,13 @@ class Call:
         }
         await self.s.journal.opened(self.call_id, info)
         await self.s.store.call_started(
-            call_id=self.call_id,
-            created_at=self.created_at,
-            peer=self.peer,
-            sample_rate=rate,
-            processing_mode=self.mode,
+            CallStartedRow(
+                call_id=self.call_id,
+                created_at=self.created_at,
+                peer=self.peer,
+                sample_rate=rate,
+                processing_mode=self.mode,
+            )
         )
 
     # -- live transcription --------------------------------------------------------------------
@@ -390,14 +395,14 @@ class Call:
             return
         self.s.metrics.partials.inc()
         self._emit(
-            "partial",
-            {
-                "segment": number,
-                "text": result.text,
-                "start": round(start / MODEL_RATE, 3),
-                "end": round(end / MODEL_RATE, 3),
-                "audio_end": round(track.ring.end / MODEL_RATE, 3),
-            },
+            events.Partial(
+                call_id=self.call_id,
+                segment=number,
+                text=result.text,
+                start=round(start / MODEL_RATE, 3),
+                end=round(end / MODEL_RATE, 3),
+                audio_end=round(track.ring.end / MODEL_RATE, 3),
+            )
         )
 
     def _publish_finals(self, track: _Track) -> None:
@@ -424,27 +429,30 @@ class Call:
             if text:
                 self.finals_text.append(text)
             seconds = pending.segment.start / MODEL_RATE
-            fields: dict[str, Any] = {
-                "segment": number,
-                "text": text,
-                "start": round(seconds, 3),
-                "end": round(pending.segment.end / MODEL_RATE, 3),
-                "language": result.language if result else self.language,
-            }
-            if result is not None:
-                fields["words"] = [
-                    {
-                        "word": w.word,
-                        "start": round(seconds + w.start, 3),
-                        "end": round(seconds + w.end, 3),
-                        "probability": w.probability,
-                    }
-                    for w in result.words
-                ]
-                fields["avg_logprob"] = round(result.avg_logprob, 4)
-                fields["no_speech_prob"] = round(result.no_speech_prob, 4)
             self.s.metrics.finals.inc()
-            self._emit("final", fields)
+            self._emit(
+                events.Final(
+                    call_id=self.call_id,
+                    segment=number,
+                    text=text,
+                    start=round(seconds, 3),
+                    end=round(pending.segment.end / MODEL_RATE, 3),
+                    language=result.language if result else self.language,
+                    words=None
+                    if result is None
+                    else [
+                        events.WordTime(
+                            w.word,
+                            round(seconds + w.start, 3),
+                            round(seconds + w.end, 3),
+                            w.probability,
+                        )
+                        for w in result.words
+                    ],
+                    avg_logprob=None if result is None else round(result.avg_logprob, 4),
+                    no_speech_prob=None if result is None else round(result.no_speech_prob, 4),
+                )
+            )
 
     def _learn_language(self, result: AsrResult) -> None:
         if self.language is None and result.language:
@@ -500,32 +508,35 @@ class Call:
             if self._row_written is not None:
                 await self._row_written
             if self.mode != "realtime_only":
-                job_id = await self.s.store.enqueue_job(call_id=self.call_id, audio_path=str(path))
+                job_id = await self.s.store.enqueue_job(
+                    JobRow(call_id=self.call_id, audio_path=str(path))
+                )
                 self.s.metrics.jobs_written.inc()
             await self.s.store.call_ended(
-                call_id=self.call_id,
-                ended_at=ended_at,
-                duration_s=duration,
-                dtmf=self.dtmf,
-                live_transcript=transcript,
-                language=self.language,
-                status=status,
+                CallEndedRow(
+                    call_id=self.call_id,
+                    ended_at=ended_at,
+                    duration_s=duration,
+                    dtmf=self.dtmf,
+                    live_transcript=transcript,
+                    language=self.language,
+                    status=status,
+                )
             )
             await self.s.journal.closed(self.call_id)
         except Exception:  # the call's end must still go out; the journal keeps it for recovery
             self.log.exception("call_records_failed")
         self._emit(
-            "call_ended",
-            {
-                "ended_at": ended_at.timestamp(),
-                "duration": round(duration, 3),
-                "audio_seconds": round(self.audio_seconds, 3),
-                "reason": reason,
-                "segments": self.segments_published,
-                "job_id": job_id,
-                "processing_mode": self.mode,
-            },
-            lifecycle=True,
+            events.CallEnded(
+                call_id=self.call_id,
+                ended_at=ended_at.timestamp(),
+                duration=round(duration, 3),
+                audio_seconds=round(self.audio_seconds, 3),
+                reason=reason,
+                segments=self.segments_published,
+                job_id=job_id,
+                processing_mode=self.mode,
+            )
         )
         self.log.info(
             "call_ended",
@@ -538,13 +549,6 @@ class Call:
             recording=str(path),
         )
 
-    def _emit(self, kind: str, fields: dict[str, Any], *, lifecycle: bool = False) -> None:
+    def _emit(self, event: events.Event) -> None:
         self._seq += 1
-        message = {
-            "type": kind,
-            "call_id": self.call_id,
-            "seq": self._seq,
-            "emitted_at": time.time(),
-            **fields,
-        }
-        self.s.publisher.publish(self.call_id, message, lifecycle=lifecycle)
+        self.s.publisher.emit(event, self._seq)

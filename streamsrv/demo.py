@@ -6,7 +6,7 @@ import asyncio
 import sys
 import uuid
 
-from streamsrv import corpus
+from streamsrv import corpus, events
 from streamsrv.config import Settings
 from streamsrv.simulate import CallWatcher, LiveView, play_call
 from streamsrv.wer import wer
@@ -25,7 +25,7 @@ async def run_demo(settings: Settings, prompts: int, speed: float, seed: int) ->
     port = settings.audiosocket_port
     print(f"call {call_id}: {call.seconds:.1f} s of recorded prompts -> {host}:{port}")
     view = LiveView()
-    channel = f"{settings.redis_channel_prefix}call:{call_id}"
+    channel = events.Channels(settings.redis_channel_prefix).call(call_id)
     async with CallWatcher(settings.redis_url, channel) as watcher:
         try:
             player = asyncio.create_task(

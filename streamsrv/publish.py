@@ -26,13 +26,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from streamsrv import events
 from streamsrv.config import Settings
 
 log = structlog.get_logger(__name__)
 
-# Message types kept in the per-call stream for late or reconnecting subscribers.
-STREAMED_TYPES = frozenset({"final", "call_started", "call_ended", "dtmf"})
-PARTIAL = "partial"
+PARTIAL = events.Partial.TYPE
 
 
 @dataclass(slots=True, eq=False)
@@ -181,7 +180,7 @@ class Publisher:
         linger: float = 0.01,
     ) -> None:
         self._url = settings.redis_url
-        self._prefix = settings.redis_channel_prefix
+        self._channels = events.Channels(settings.redis_channel_prefix)
         self._stream_maxlen = settings.redis_stream_maxlen
         self._stream_ttl = settings.redis_stream_ttl
         self._batch_size = batch_size
@@ -233,6 +232,10 @@ class Publisher:
         else:
             log.warning("redis_down", url=_safe_url(self._url), backlog=len(self._backlog))
         self._task = asyncio.create_task(self._run(), name="redis-publisher")
+
+    def emit(self, event: events.Event, seq: int | None = None) -> None:
+        """Publish one event (see streamsrv.events for where it goes); never blocks."""
+        self.publish(event.call_id, events.encode(event, seq), lifecycle=event.LIFECYCLE)
 
     def publish(self, call_id: str, message: dict[str, Any], *, lifecycle: bool = False) -> None:
         """Encode and enqueue; never blocks, never raises."""
@@ -314,11 +317,11 @@ class Publisher:
         pipe = self._client.pipeline(transaction=True)
         streams: dict[str, None] = {}
         for entry in batch:
-            pipe.publish(f"{self._prefix}call:{entry.call_id}", entry.payload)
+            pipe.publish(self._channels.call(entry.call_id), entry.payload)
             if entry.lifecycle:
-                pipe.publish(f"{self._prefix}calls", entry.payload)
-            if entry.kind in STREAMED_TYPES:
-                key = f"{self._prefix}stream:{entry.call_id}"
+                pipe.publish(self._channels.lifecycle, entry.payload)
+            if entry.kind in events.STREAMED_TYPES:
+                key = self._channels.stream(entry.call_id)
                 pipe.xadd(key, {"data": entry.payload}, maxlen=self._stream_maxlen)
                 streams[key] = None
         for key in streams:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,12 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.journal import Journal
 from streamsrv.publish import Publisher
 from streamsrv.recordings import repair_wav
+from streamsrv.records import CallEndedRow, CallStartedRow, JobRow
 from streamsrv.spool import CallStore
 
 log = structlog.get_logger(__name__)
@@ -33,7 +34,7 @@ async def _stream_state(settings: Settings, prefix: str, call_id: str) -> tuple[
     """(last seq, transcript of finals) from the call's Redis stream; (0, "") if unreadable."""
     client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
     try:
-        entries = await client.xrange(f"{prefix}stream:{call_id}")
+        entries = await client.xrange(events.Channels(prefix).stream(call_id))
     except Exception as exc:  # Redis away: the call is still closed out, without its history
         log.warning("recovery_stream_unreadable", call_id=call_id, error=repr(exc))
         return 0, ""
@@ -75,42 +76,40 @@ async def _recover(
     prefix = info.get("channel_prefix", settings.redis_channel_prefix)
     last_seq, transcript = await _stream_state(settings, prefix, call_id)
     await store.call_started(
-        call_id=call_id,
-        created_at=created_at,
-        peer=info["peer"],
-        sample_rate=rate,
-        processing_mode=info["processing_mode"],
+        CallStartedRow(
+            call_id=call_id,
+            created_at=created_at,
+            peer=info["peer"],
+            sample_rate=rate,
+            processing_mode=info["processing_mode"],
+        )
     )
     job_id = None
     if info["processing_mode"] != "realtime_only" and audio_bytes is not None:
-        job_id = await store.enqueue_job(call_id=call_id, audio_path=str(path))
+        job_id = await store.enqueue_job(JobRow(call_id=call_id, audio_path=str(path)))
     await store.call_ended(
-        call_id=call_id,
-        ended_at=ended_at,
-        duration_s=duration,
-        dtmf="",
-        live_transcript=transcript,
-        language=None,
-        status="interrupted",
+        CallEndedRow(
+            call_id=call_id,
+            ended_at=ended_at,
+            duration_s=duration,
+            dtmf="",
+            live_transcript=transcript,
+            language=None,
+            status="interrupted",
+        )
     )
     audio_seconds = (audio_bytes or 0) / 2 / rate
-    publisher.publish(
-        call_id,
-        {
-            "type": "call_ended",
-            "call_id": call_id,
-            "seq": last_seq + 1,
-            "emitted_at": time.time(),
-            "ended_at": ended_at.timestamp(),
-            "duration": round(duration, 3),
-            "audio_seconds": round(audio_seconds, 3),
-            "reason": "interrupted",
-            "segments": None,
-            "job_id": job_id,
-            "processing_mode": info["processing_mode"],
-        },
-        lifecycle=True,
+    ended = events.CallEnded(
+        call_id=call_id,
+        ended_at=ended_at.timestamp(),
+        duration=round(duration, 3),
+        audio_seconds=round(audio_seconds, 3),
+        reason="interrupted",
+        segments=None,
+        job_id=job_id,
+        processing_mode=info["processing_mode"],
     )
+    publisher.emit(ended, last_seq + 1)
     await journal.closed(call_id)
     log.warning(
         "call_recovered",

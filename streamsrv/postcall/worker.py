@@ -31,6 +31,7 @@ import asyncpg
 import redis.asyncio as redis
 import structlog
 
+from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.cache import ResultCache, cache_key
@@ -102,7 +103,7 @@ class Worker:
         self.model = model or PostcallModel(settings)
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.store = JobStore(settings)
-        self.channel = f"{settings.redis_channel_prefix}calls"
+        self.channel = events.Channels(settings.redis_channel_prefix).lifecycle
         self.counts = {"done": 0, "retried": 0, "failed": 0, "lost": 0}
         self._queue: JobQueue | None = None
         self._redis: redis.Redis | None = None
@@ -247,15 +248,13 @@ class Worker:
             cached=t["cached"],
         )
         await self._publish(
-            {
-                "type": "postcall_done",
-                "call_id": job.call_id,
-                "job_id": job.id,
-                "emitted_at": time.time(),
-                "language": outcome.language,
-                "model": outcome.model,
-                "cached": t["cached"],
-            }
+            events.PostcallDone(
+                call_id=job.call_id,
+                job_id=job.id,
+                language=outcome.language,
+                model=outcome.model,
+                cached=t["cached"],
+            )
         )
 
     async def _failed_attempt(self, job: Job, error: str, bound: Any) -> None:
@@ -271,14 +270,9 @@ class Worker:
             self.counts["failed"] += 1
             bound.error("job_failed", error=error)
             await self._publish(
-                {
-                    "type": "postcall_failed",
-                    "call_id": job.call_id,
-                    "job_id": job.id,
-                    "emitted_at": time.time(),
-                    "attempts": job.attempts,
-                    "error": error,
-                }
+                events.PostcallFailed(
+                    call_id=job.call_id, job_id=job.id, attempts=job.attempts, error=error
+                )
             )
 
     async def _keep_lease(self, job: Job) -> None:
@@ -332,10 +326,10 @@ class Worker:
         }
         return outcome
 
-    async def _publish(self, message: dict[str, Any]) -> None:
+    async def _publish(self, event: events.Event) -> None:
         """To the lifecycle channel; the results are in Postgres whatever happens here."""
         assert self._redis is not None
         try:
-            await self._redis.publish(self.channel, json.dumps(message))
+            await self._redis.publish(self.channel, json.dumps(events.encode(event)))
         except (redis.RedisError, OSError) as exc:
-            log.warning("publish_failed", type=message["type"], error=repr(exc))
+            log.warning("publish_failed", type=event.TYPE, error=repr(exc))
