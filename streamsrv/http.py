@@ -1,26 +1,48 @@
 """HTTP on HTTP_HOST:HTTP_PORT (aiohttp, on the server's loop): GET /health, GET /metrics,
-POST /audio/process (a recording for the post-call pass) and GET /calls/<id>."""
+POST /audio/process (a recording for the post-call pass) and GET /calls/<id>.
+
+It sees the server through what it serves, not the server itself: a health() coroutine, the
+metrics and the job store."""
 
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from streamsrv.config import Settings
+from streamsrv.jobs import JobStore
+from streamsrv.metrics import Metrics
 from streamsrv.postcall import uploads
 
 log = structlog.get_logger(__name__)
 
-if TYPE_CHECKING:
-    from streamsrv.server import Server
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What /health answers: its JSON, and whether calls are taken (200, else 503)."""
+
+    body: dict[str, Any]
+    accepting: bool
 
 
 class HttpApi:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(
+        self,
+        settings: Settings,
+        health: Callable[[], Awaitable[Health]],
+        metrics: Metrics,
+        jobs: JobStore,
+    ) -> None:
+        self.settings = settings
+        self._health = health
+        self._metrics = metrics
+        self._jobs = jobs
         self.app = web.Application()
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
@@ -30,7 +52,7 @@ class HttpApi:
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
-        settings = self.server.settings
+        settings = self.settings
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
@@ -48,42 +70,17 @@ class HttpApi:
             await self._runner.cleanup()
 
     async def health(self, request: web.Request) -> web.Response:
-        """ok when every part works; degraded when Redis or Postgres is away but calls are
-        still taken and recorded; 503 only when no call can be taken."""
-        server = self.server
-        postgres = await server.store.jobs.check()
-        if postgres == "ok" and server.store.spooled:
-            postgres = "catching up"  # answering, the spool not yet replayed
-        parts = {
-            "model": server.model_status,
-            "redis": server.publisher.status,
-            "postgres": postgres,
-            "recordings": server.recordings_status,
-        }
-        healthy_model = server.model_status in ("ok", "disabled")
-        status = (
-            "ok"
-            if healthy_model and all(v == "ok" for v in parts.values() if v != "disabled")
-            else "degraded"
-        )
-        body = {
-            "status": status,
-            **parts,
-            "model_name": server.model_name,
-            "calls_active": len(server.calls),
-            "spooled_writes": server.store.spooled,
-            "accepting": server.accepting,
-        }
-        return web.json_response(body, status=200 if server.accepting else 503)
+        health = await self._health()
+        return web.json_response(health.body, status=200 if health.accepting else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=self.server.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def process_audio(self, request: web.Request) -> web.Response:
         """A recording that did not come over AudioSocket: stored, queued, 202."""
-        return await uploads.handle_upload(request, self.server.settings, self.server.jobs)
+        return await uploads.handle_upload(request, self.settings, self._jobs)
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""
@@ -92,7 +89,7 @@ class HttpApi:
         except ValueError:
             return uploads.error_response(404, "no such call")
         try:
-            view = await self.server.jobs.call_view(call_id)
+            view = await self._jobs.call_view(call_id)
         except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
             log.warning("call_view_failed", call_id=call_id, error=repr(exc))
             return uploads.error_response(503, "database unavailable")

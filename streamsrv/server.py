@@ -35,7 +35,7 @@ from streamsrv.asr.whisper import AsrRequest, AsrResult, WhisperRunner
 from streamsrv.audio import FloatArray
 from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
-from streamsrv.http import HttpApi
+from streamsrv.http import Health, HttpApi
 from streamsrv.jobs import JobStore
 from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
@@ -242,7 +242,7 @@ class Server:
         self.paused_for_vad: set[Connection] = set()  # reading paused until VAD catches up
         self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
-        self._http = HttpApi(self)
+        self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs)
         self._tick_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -335,6 +335,30 @@ class Server:
             device=device,
             compute_type=s.realtime_whisper_compute_type,
         )
+
+    async def health(self) -> Health:
+        """ok when every part works; degraded when Redis or Postgres is away but calls are
+        still taken and recorded; not accepting (503) only when no call can be taken."""
+        postgres = await self.store.jobs.check()
+        if postgres == "ok" and self.store.spooled:
+            postgres = "catching up"  # answering, the spool not yet replayed
+        parts = {
+            "model": self.model_status,
+            "redis": self.publisher.status,
+            "postgres": postgres,
+            "recordings": self.recordings_status,
+        }
+        healthy_model = self.model_status in ("ok", "disabled")
+        ok = healthy_model and all(v == "ok" for v in parts.values() if v != "disabled")
+        body = {
+            "status": "ok" if ok else "degraded",
+            **parts,
+            "model_name": self.model_name,
+            "calls_active": len(self.calls),
+            "spooled_writes": self.store.spooled,
+            "accepting": self.accepting,
+        }
+        return Health(body, self.accepting)
 
     @property
     def jobs(self) -> JobStore:
@@ -535,14 +559,21 @@ class Server:
             self._force.set()
         self._stop.set()
 
-    async def run(self) -> None:
+    async def run(self, handle_signals: bool = True) -> None:
+        """Serve until stop(); whatever start() opened is closed, even when start() or the
+        drain fails. SIGTERM and SIGINT call stop() when `handle_signals` (the CLI's case)."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.stop)
-        await self.start()
-        await self._stop.wait()
-        await self.drain()
-        await self.close()
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.drain()
+        finally:
+            await self.close()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
 
     async def wait_idle(self) -> None:
         """Until no connection is open and every call has finished."""
@@ -569,6 +600,10 @@ class Server:
             await asyncio.gather(*self.finishing, return_exceptions=True)
 
     async def close(self) -> None:
+        """Close what start() opened, in reverse; safe after a start() that failed midway."""
+        self.accepting = False
+        if self._tcp is not None:
+            self._tcp.close()
         if self._tick_task is not None:
             self._tick_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

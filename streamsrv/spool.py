@@ -22,8 +22,6 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import structlog
 
 from streamsrv.jobs import JobStore
 from streamsrv.recordings import fsync_directory
+from streamsrv.records import CallEndedRow, CallStartedRow, JobRow, Write, from_spool, to_spool
 
 log = structlog.get_logger(__name__)
 
@@ -45,17 +44,6 @@ def _write_durably(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)
-
-
-def _encode(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in kwargs.items()}
-
-
-def _decode(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: datetime.fromisoformat(v) if k.endswith("_at") and isinstance(v, str) else v
-        for k, v in kwargs.items()
-    }
 
 
 class Spool:
@@ -121,30 +109,26 @@ class CallStore:
             log.warning("spool_left", pending=self._spooled)
         await self.jobs.close()
 
-    async def call_started(self, **kwargs: Any) -> None:
-        await self._write("call_started", kwargs)
+    async def call_started(self, row: CallStartedRow) -> None:
+        await self._write(row)
 
-    async def call_ended(self, **kwargs: Any) -> None:
-        await self._write("call_ended", kwargs)
+    async def call_ended(self, row: CallEndedRow) -> None:
+        await self._write(row)
 
-    async def enqueue_job(self, **kwargs: Any) -> int | None:
+    async def enqueue_job(self, row: JobRow) -> int | None:
         """The job's id, or None when it was spooled (Postgres away): it is written later."""
-        result = await self._write("enqueue_job", kwargs)
+        result = await self._write(row)
         return int(result) if result is not None else None
 
-    def _method(self, name: str) -> Callable[..., Awaitable[Any]]:
-        method: Callable[..., Awaitable[Any]] = getattr(self.jobs, name)
-        return method
-
-    async def _write(self, name: str, kwargs: dict[str, Any]) -> Any:
+    async def _write(self, write: Write) -> int | None:
         async with self._lock:
             if self._connected and not self._spooled:
                 try:
-                    return await self._method(name)(**kwargs)
+                    return await write.apply(self.jobs)
                 except Exception as exc:  # asyncpg raises many kinds; all mean "spool it"
                     self._connected = False
-                    log.error("postgres_write_failed", op=name, error=repr(exc))
-            await asyncio.to_thread(self.spool.append, {"op": name, "kwargs": _encode(kwargs)})
+                    log.error("postgres_write_failed", op=write.OP, error=repr(exc))
+            await asyncio.to_thread(self.spool.append, to_spool(write))
             self._spooled += 1
             self._wake.set()
             return None
@@ -178,9 +162,9 @@ class CallStore:
                     return False
             paths = await asyncio.to_thread(self.spool.pending)
             for done, path in enumerate(paths):
-                op = json.loads(await asyncio.to_thread(path.read_text))
+                write = from_spool(json.loads(await asyncio.to_thread(path.read_text)))
                 try:
-                    await self._method(op["op"])(**_decode(op["kwargs"]))
+                    await write.apply(self.jobs)
                 except Exception as exc:
                     self._connected = False
                     self._spooled = len(paths) - done

@@ -179,3 +179,33 @@ async def test_saturated_model_serves_new_calls_as_postcall_only(settings_env, d
     assert metric(text, "streamsrv_calls_without_live_asr_total") == 1
     with wave.open(str(recording_path(settings, call_id))) as w:
         assert w.readframes(w.getnframes()) == call.pcm
+
+
+async def test_a_start_that_fails_midway_closes_what_it_opened(settings_env):
+    """HTTP's port is taken: start() fails after Redis, Postgres, the journal and the
+    AudioSocket listener are up. run() still closes them all, and frees the port it took."""
+    import socket
+
+    from streamsrv.server import Server
+    from tests.e2e import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    audiosocket_port = free_port()
+    settings = make_settings(
+        settings_env,
+        DEFAULT_PROCESSING_MODE="postcall_only",
+        AUDIOSOCKET_PORT=str(audiosocket_port),
+        HTTP_PORT=str(taken.getsockname()[1]),
+    )
+    server = Server(settings)
+    try:
+        with pytest.raises(OSError):
+            await server.run(handle_signals=False)
+    finally:
+        taken.close()
+    assert not server.accepting
+    assert server.publisher.status == "down" and not server.store.jobs.started
+    with socket.socket() as again:  # the listener that start() opened is gone
+        again.bind(("127.0.0.1", audiosocket_port))
