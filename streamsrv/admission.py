@@ -11,14 +11,24 @@ call's id may still be on its way) nor one whose call id is already waiting in i
 call about to be read). Only past four times MAX_PENDING_CONNECTIONS does the grace give way,
 so that a flood cannot run the process out of descriptors. A flood thus costs a socket and a
 close per connection and cannot take a real call's place, even from the PBX's own address.
-Pure logic: the clock and whether a call id is waiting are the caller's.
+PeerFilter and PendingConnections are pure logic (the clock and whether a call id is waiting
+are the caller's); Admission applies them to connections, counts every refusal in
+connections_refused_total and logs the first at once, the rest summed up once a second.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+
+from streamsrv.config import Settings
+from streamsrv.metrics import Metrics
+
+log = structlog.get_logger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
@@ -109,3 +119,77 @@ class PendingConnections(Generic[K]):
         for key in chosen:
             self.discard(key)
         return chosen
+
+
+class Candidate(Hashable, Protocol):
+    """A connection as admission sees it."""
+
+    host: str
+
+    def refuse(self) -> None: ...
+
+    def call_id_waiting(self) -> bool: ...
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+class Admission(Generic[C]):
+    """Who is served: allowed peers, pending connections within their limits, MAX_CALLS."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._max_calls = settings.max_calls
+        self._metrics = metrics
+        self._peers = PeerFilter(settings.allowed_peers)
+        self.pending: PendingConnections[C] = PendingConnections(
+            settings.max_pending_connections, settings.max_pending_per_peer
+        )
+        self._refused: dict[str, int] = {}
+
+    def admit(self, conn: C, accepting: bool) -> bool:
+        """Whether a new connection is served: then it waits for its call id, and the pending
+        connections it pushes past the limits are closed."""
+        reason = None
+        if not accepting:
+            reason = "not_accepting"
+        elif not self._peers.allows(conn.host):
+            reason = "peer_not_allowed"
+        if reason is not None:
+            self._refuse(conn.host, reason)
+            return False
+        now = time.monotonic()
+        self._close(self.pending.add(conn, conn.host, now, _call_id_waiting))
+        return True
+
+    def identified(self, conn: C, calls_open: int) -> bool:
+        """The connection sent its call id: whether its call may open (MAX_CALLS)."""
+        self.pending.discard(conn)
+        if calls_open >= self._max_calls:
+            self._refuse(conn.host, "max_calls")
+            return False
+        return True
+
+    def closed(self, conn: C) -> None:
+        self.pending.discard(conn)
+
+    def sweep(self, now: float) -> None:
+        """Once a second: the pending limits, and the summary of refusals."""
+        self._close(self.pending.enforce(now, _call_id_waiting))
+        if self._refused:
+            log.warning("connections_refused", **self._refused)
+            self._refused = {}
+
+    def _close(self, victims: list[C]) -> None:
+        for victim in victims:
+            victim.refuse()
+            self._refuse(victim.host, "pending_limit")
+
+    def _refuse(self, host: str, reason: str) -> None:
+        self._metrics.connections_refused.labels(reason).inc()
+        if not self._refused:
+            log.warning("connection_refused", peer=host, reason=reason)
+        self._refused[reason] = self._refused.get(reason, 0) + 1
+
+
+def _call_id_waiting(conn: Candidate) -> bool:
+    return conn.call_id_waiting()

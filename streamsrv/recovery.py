@@ -62,7 +62,7 @@ async def _recover(
     publisher: Publisher,
     settings: Settings,
 ) -> None:
-    call_id = info["call_id"]
+    call_id, mode = info["call_id"], info["processing_mode"]
     path = Path(info["recording"])
     rate = int(info["sample_rate"])
     audio_bytes = await asyncio.to_thread(repair_wav, path, rate)
@@ -75,46 +75,36 @@ async def _recover(
     duration = max(0.0, (ended_at - created_at).total_seconds())
     prefix = info.get("channel_prefix", settings.redis_channel_prefix)
     last_seq, transcript = await _stream_state(settings, prefix, call_id)
-    await store.call_started(
-        CallStartedRow(
-            call_id=call_id,
-            created_at=created_at,
-            peer=info["peer"],
-            sample_rate=rate,
-            processing_mode=info["processing_mode"],
-        )
-    )
+    await store.call_started(CallStartedRow(call_id, created_at, info["peer"], rate, mode))
     job_id = None
-    if info["processing_mode"] != "realtime_only" and audio_bytes is not None:
-        job_id = await store.enqueue_job(JobRow(call_id=call_id, audio_path=str(path)))
-    await store.call_ended(
-        CallEndedRow(
-            call_id=call_id,
-            ended_at=ended_at,
-            duration_s=duration,
-            dtmf="",
-            live_transcript=transcript,
-            language=None,
-            status="interrupted",
-        )
-    )
-    audio_seconds = (audio_bytes or 0) / 2 / rate
-    ended = events.CallEnded(
-        call_id=call_id,
-        ended_at=ended_at.timestamp(),
-        duration=round(duration, 3),
-        audio_seconds=round(audio_seconds, 3),
-        reason="interrupted",
-        segments=None,
-        job_id=job_id,
-        processing_mode=info["processing_mode"],
-    )
-    publisher.emit(ended, last_seq + 1)
+    if mode != "realtime_only" and audio_bytes is not None:
+        job_id = await store.enqueue_job(JobRow(call_id, str(path)))
+    ended = CallEndedRow(call_id, ended_at, duration, "", transcript, None, "interrupted")
+    await store.call_ended(ended)
+    audio_seconds = round((audio_bytes or 0) / 2 / rate, 3)
+    publisher.emit(_ended_event(ended, audio_seconds, job_id, mode), last_seq + 1)
     await journal.closed(call_id)
     log.warning(
         "call_recovered",
         call_id=call_id,
-        audio_seconds=round(audio_seconds, 3),
+        audio_seconds=audio_seconds,
         job_id=job_id,
         recording=str(path) if audio_bytes is not None else None,
+    )
+
+
+def _ended_event(
+    row: CallEndedRow, audio_seconds: float, job_id: int | None, mode: str
+) -> events.CallEnded:
+    """The call_ended of a call closed out after a crash: how many segments it had is not
+    known (its stream may have been cut short), so `segments` is null."""
+    return events.CallEnded(
+        call_id=row.call_id,
+        ended_at=row.ended_at.timestamp(),
+        duration=round(row.duration_s, 3),
+        audio_seconds=audio_seconds,
+        reason="interrupted",
+        segments=None,
+        job_id=job_id,
+        processing_mode=mode,
     )

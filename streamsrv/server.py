@@ -1,11 +1,10 @@
 """The server: AudioSocket connections in, one Call each, a scheduler tick, a graceful stop.
 
-Connections are asyncio Protocols: each read is fed to the sans-IO decoder and its events to
-the Call, synchronously and cheaply, with no task per frame. A scheduler ticks every
-STREAMING_INTERVAL: it runs VAD over every call's new audio in one pass on a worker thread,
-hands the probabilities back to the calls (which then ask the model for partials and finals),
-and closes connections that were silent for TCP_SOCKET_TIMEOUT. The loop never waits on the
-model, the disk or the network.
+Connections (streamsrv.connection) see the server as their CallHost: admission, the call an
+id opens, the VAD scheduler, and where an ended call goes. A scheduler ticks every
+STREAMING_INTERVAL: it starts a VAD pass over every call's new audio (streamsrv.vad_scheduler)
+and, once a second, closes connections that were silent for TCP_SOCKET_TIMEOUT or never sent
+their call id. The loop never waits on the model, the disk or the network.
 
 Lifecycle (uvicorn's shape): start() brings up Redis, Postgres, recordings, the model and the
 listeners; run() serves until stop() is asked (SIGTERM, SIGINT); then listeners close, open
@@ -20,21 +19,18 @@ import contextlib
 import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
 
-import numpy as np
 import structlog
 
 from streamsrv import audiosocket as aso
-from streamsrv.admission import PeerFilter, PendingConnections
+from streamsrv.admission import Admission
 from streamsrv.asr.executor import BatchExecutor
-from streamsrv.asr.models import resolve_model
-from streamsrv.asr.vad import SileroVad, VadState
-from streamsrv.asr.whisper import AsrRequest, AsrResult, WhisperRunner
-from streamsrv.audio import FloatArray
+from streamsrv.asr.live_model import load_live_model
+from streamsrv.asr.vad import SileroVad
+from streamsrv.asr.whisper import AsrRequest, AsrResult
 from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
+from streamsrv.connection import Connection
 from streamsrv.http import Health, HttpApi
 from streamsrv.jobs import JobStore
 from streamsrv.journal import Journal
@@ -44,182 +40,11 @@ from streamsrv.recordings import RecordingWriter
 from streamsrv.recovery import recover_open_calls
 from streamsrv.spool import CallStore, Spool
 from streamsrv.systemd import Notifier
+from streamsrv.vad_scheduler import VadScheduler
 
 log = structlog.get_logger(__name__)
 
-VAD_BACKLOG_SECONDS = 4.0  # a call's audio waiting for VAD past which its reading pauses
 ENDED_IDS_KEPT = 100_000  # call ids remembered so that a reused one is refused
-FRAME_SECONDS = 0.02  # Asterisk sends 20 ms frames in steady state
-RECORDED_ONLY_READ_SECONDS = 0.5  # audio per wake-up for a call with no live transcription
-
-
-class Connection(asyncio.Protocol):
-    """One AudioSocket TCP connection, and the Call once its id arrives."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.decoder = aso.Decoder()
-        self.transport: asyncio.Transport | None = None
-        self.host = self.peer = ""
-        self.call: Call | None = None
-        self.last_data = self.opened = time.monotonic()
-        self.closed = False
-        self.burst_seconds = 0.0  # audio a read waits for; 0 until the call's audio flows
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername")
-        self.host = host = str(peer[0]) if isinstance(peer, tuple) else ""
-        self.peer = f"{host}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if self.server.admit(host) is not None:
-            self.refuse()
-            return
-        self.server.connections.add(self)
-        self.server.wait_for_call_id(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_data = time.monotonic()
-        self._feed(data)
-        call = self.call
-        if call is not None and call.vad_backlog_seconds > VAD_BACKLOG_SECONDS and not self.closed:
-            # A peer sending faster than real time waits for VAD (TCP flow control) instead
-            # of growing memory and pushing speech out of the ring before it is segmented.
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self.server.paused_for_vad.add(self)
-
-    def refuse(self) -> None:
-        """Close at once, before any call exists: nothing to finish, nothing to log here."""
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def call_id_waiting(self) -> bool:
-        """Whether this connection's first message, a complete call id, is in its socket
-        unread: it is a call that the next read will identify. Peeks; reads nothing."""
-        if self.call is not None or self.closed or self.decoder.bytes_received:
-            return False
-        assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        peek = socket.socket(fileno=sock.fileno())  # uvloop hands out a pseudo-socket
-        try:
-            waiting = peek.recv(aso.HEADER_SIZE + 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:
-            waiting = b""
-        finally:
-            peek.detach()  # the transport still owns the descriptor
-        return aso.starts_with_call_id(waiting)
-
-    def eof_received(self) -> bool:
-        self._feed(b"")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.forget(self)
-        if not self.closed:
-            # a reset is how Asterisk sometimes hangs up: a normal end
-            self._end("hangup" if exc is None or isinstance(exc, ConnectionError) else "lost")
-
-    def _feed(self, data: bytes) -> None:
-        """Decode a read. Its runs of audio reach the call whole (a read holds several frames):
-        conversion, recording and metrics once a run, not once a 20 ms frame."""
-        if self.closed:
-            return
-        decoder = self.decoder
-        try:
-            decoder.receive_data(data)
-            while not self.closed:
-                run = decoder.next_audio_run()
-                if run is not None:
-                    self._on_audio(run)
-                    continue
-                event = decoder.next_event()
-                if event is aso.NEED_DATA:
-                    return
-                self._on_event(event)
-        except aso.ProtocolError as exc:
-            self.server.metrics.protocol_errors.inc()
-            log.warning(
-                "protocol_error", peer=self.peer, call_id=self.decoder.call_id, error=str(exc)
-            )
-            self._end("protocol_error")
-
-    def _on_audio(self, run: aso.AudioRun) -> None:
-        metrics = self.server.metrics
-        metrics.frames_received.inc(run.messages)
-        metrics.bytes_received.inc(len(run.payload))
-        if self.call is not None:
-            self.call.on_audio(run.kind, run.payload, run.messages)
-            if not self.burst_seconds:
-                self._read_in_bursts(self.call, run)
-
-    def _on_event(self, event: aso.Event) -> None:
-        # never audio: next_audio_run takes every complete audio message first
-        if isinstance(event, aso.CallId):
-            if self.server.call_id_used(event.call_id):
-                raise aso.ProtocolError(f"call id {event.call_id} was already used")
-            self.call = self.server.open_call(self, event.call_id)
-            if self.call is None:
-                self.refuse()
-        elif isinstance(event, aso.Dtmf):
-            if self.call is not None:
-                self.call.on_dtmf(event)
-        elif isinstance(event, aso.Hangup):
-            self._end("hangup")
-        elif isinstance(event, aso.Error):
-            self._end("asterisk_error")
-        elif isinstance(event, aso.ConnectionClosed):
-            self._end("hangup")
-
-    def _read_in_bursts(self, call: Call, run: aso.AudioRun) -> None:
-        """Once the call's audio flows, wake for a burst of frames, not for every 20 ms one:
-        at hundreds of calls the wake-ups and reads are most of what taking calls costs.
-
-        A live call gets one scheduler tick of audio a wake-up (5 frames at 100 ms), as that
-        is how often its audio is looked at. A call that is only recorded gets half a second
-        (25 frames): the ingest benchmark's CPU per audio second at 300 calls went from 0.47
-        ms (5 frames) to 0.25 ms. EOF and resets still wake at once; a DTMF key or a bad
-        message waits for the frames after it; if none come (a media gap), the sweep goes back
-        to reading every byte (read_every_byte)."""
-        seconds = (
-            self.server.settings.streaming_interval
-            if call.transcribing_live
-            else RECORDED_ONLY_READ_SECONDS
-        )
-        frames = max(1, round(seconds / FRAME_SECONDS))
-        self._set_low_water(frames * (aso.HEADER_SIZE + len(run.payload) // run.messages))
-        self.burst_seconds = seconds
-
-    def read_every_byte(self) -> None:
-        """Wake for any byte again, so that what waits below the burst size (a key pressed in a
-        media gap, the audio before a timeout) is read; the next audio re-arms the bursts."""
-        self._set_low_water(1)
-        self.burst_seconds = 0.0
-
-    def _set_low_water(self, size: int) -> None:
-        assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None and not self.closed:
-            with contextlib.suppress(OSError):  # a socket the peer just reset: nothing to tune
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
-
-    def _end(self, reason: str) -> None:
-        """End the connection and, if a call was open, finish it in the background."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-        self.server.paused_for_vad.discard(self)
-        if self.call is not None:
-            self.server.finish_call(self.call, reason)
-        elif reason == "lost":  # every other reason was logged where it was found
-            log.info("connection_closed", peer=self.peer, reason=reason)
-
-    def end(self, reason: str) -> None:
-        self._end(reason)
 
 
 class Server:
@@ -237,9 +62,7 @@ class Server:
         self.model_status = "not loaded" if settings.live_asr else "disabled"
         self.model_name = ""
         self.vad: SileroVad | None = None
-        self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="vad")
-        self._vad_pass_running: asyncio.Future[list[tuple[Call, Any]]] | None = None
-        self.paused_for_vad: set[Connection] = set()  # reading paused until VAD catches up
+        self.vad_scheduler = VadScheduler()
         self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
         self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs)
@@ -250,11 +73,7 @@ class Server:
         self.services: CallServices | None = None
         self.accepting = False
         self.notifier = notifier or Notifier(None)
-        self._peers = PeerFilter(settings.allowed_peers)
-        self.pending: PendingConnections[Connection] = PendingConnections(
-            settings.max_pending_connections, settings.max_pending_per_peer
-        )
-        self._refused: dict[str, int] = {}
+        self.admission: Admission[Connection] = Admission(settings, self.metrics)
         self._last_sweep = 0.0
         self._last_watchdog = 0.0
 
@@ -304,37 +123,11 @@ class Server:
         )
 
     async def _load_model(self) -> None:
-        s = self.settings
-        device = s.device
-        name = s.realtime_model_name(device)
         self.model_status = "loading"
-        path = await asyncio.to_thread(resolve_model, name, s.model_dir)
-        runner = await asyncio.to_thread(
-            WhisperRunner, path, device, s.realtime_whisper_compute_type, s
-        )
-        self.vad = await asyncio.to_thread(SileroVad)
-        self.executor = BatchExecutor(
-            runner.run_batch,
-            batch_size=s.batch_size,
-            adaptive=s.adaptive_batching,
-            min_batch_size=s.min_batch_size,
-            max_batch_size=s.max_batch_size,
-            max_queue_size=s.max_queue_size,
-            workers=s.live_workers(device),
-            observer=self.metrics.observe_batch,
-        )
-        self.executor.start()
-        executor = self.executor
-        self.metrics.queue_length.set_function(lambda: executor.queued)  # read at each scrape
-        self.model_name = f"{name} ({device}, {s.realtime_whisper_compute_type})"
+        model = await load_live_model(self.settings, self.metrics)
+        self.executor, self.model_name = model.executor, model.name
+        self.vad = self.vad_scheduler.vad = model.vad
         self.model_status = "ok"
-        log.info(
-            "model_loaded",
-            model=name,
-            path=path,
-            device=device,
-            compute_type=s.realtime_whisper_compute_type,
-        )
 
     async def health(self) -> Health:
         """ok when every part works; degraded when Redis or Postgres is away but calls are
@@ -384,47 +177,24 @@ class Server:
         """Whether a call with this id is open or ended recently (a reuse is refused)."""
         return call_id in self.calls or call_id in self._ended_ids
 
-    def forget(self, conn: Connection) -> None:
+    def closed(self, conn: Connection) -> None:
         """A connection closed: drop it, and wake whoever waits for the server to go idle."""
         self.connections.discard(conn)
-        self.pending.discard(conn)
+        self.admission.closed(conn)
         self._changed.set()
 
-    def admit(self, host: str) -> str | None:
-        """None when a new connection may proceed, else why it is refused."""
-        reason = None
-        if not self.accepting:
-            reason = "not_accepting"
-        elif not self._peers.allows(host):
-            reason = "peer_not_allowed"
-        if reason is not None:
-            self._count_refusal(host, reason)
-        return reason
+    def admit(self, conn: Connection) -> bool:
+        if not self.admission.admit(conn, self.accepting):
+            return False
+        self.connections.add(conn)
+        return True
 
-    def wait_for_call_id(self, conn: Connection) -> None:
-        """Count a new connection as pending; close the ones it pushes past the limits."""
-        now = time.monotonic()
-        self._close_pending(self.pending.add(conn, conn.host, now, Connection.call_id_waiting))
-
-    def _close_pending(self, victims: list[Connection]) -> None:
-        for victim in victims:
-            self.connections.discard(victim)
-            victim.refuse()
-            self._count_refusal(victim.host, "pending_limit")
-
-    def _count_refusal(self, host: str, reason: str) -> None:
-        self.metrics.connections_refused.labels(reason).inc()
-        if not self._refused:
-            # the first refusal is logged at once, the rest summed up once a second
-            log.warning("connection_refused", peer=host, reason=reason)
-        self._refused[reason] = self._refused.get(reason, 0) + 1
-
-    def open_call(self, conn: Connection, call_id: str) -> Call | None:
+    def identified(self, conn: Connection, call_id: str) -> Call | None:
         """The call a connection identified as, or None when MAX_CALLS are open."""
         assert self.services is not None
-        self.pending.discard(conn)
-        if len(self.calls) >= self.settings.max_calls:
-            self._count_refusal(conn.host, "max_calls")
+        if self.call_id_used(call_id):
+            raise aso.ProtocolError(f"call id {call_id} was already used")
+        if not self.admission.identified(conn, len(self.calls)):
             return None
         call = Call(self.services, call_id, conn.peer)
         self.calls[call_id] = call
@@ -432,17 +202,16 @@ class Server:
         self.metrics.calls_active.inc()
         return call
 
-    def finish_call(self, call: Call, reason: str) -> None:
+    def finish(self, call: Call, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(call, reason))
         self.finishing.add(task)
         task.add_done_callback(self.finishing.discard)
 
     async def _finish(self, call: Call, reason: str) -> None:
         try:
-            if self._vad_pass_running is not None:
-                # its probabilities for this call must land before the call flushes its VAD
-                await asyncio.wait([self._vad_pass_running])
-            await call.finish(reason, self._vad_call)
+            # the pass in flight hands this call its probabilities before it flushes VAD
+            await self.vad_scheduler.settled()
+            await call.finish(reason, self.vad_scheduler.run_one)
         except Exception:
             log.exception("call_finish_failed", call_id=call.call_id)
         finally:
@@ -459,11 +228,6 @@ class Server:
         if self.executor is None:
             return 0.0
         return min(1.0, self.executor.queued / self.settings.max_queue_size)
-
-    async def _vad_call(self, state: VadState, audio: FloatArray) -> Any:
-        assert self.vad is not None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._vad_pool, self.vad.run, state, audio)
 
     # -- scheduler -----------------------------------------------------------------------------
 
@@ -493,63 +257,17 @@ class Server:
             self._last_watchdog = now
             self.notifier.watchdog()
             self.notifier.status(self._status_line())
-        if self.vad is None or self._vad_pass_running is not None:
-            return
-        work = []
-        for call in self.calls.values():
-            if call.ended:
-                continue
-            taken = call.take_vad_audio()
-            if taken is not None:
-                work.append((call, *taken))
-        if work:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._vad_pool, self._vad_pass, work)
-            future.add_done_callback(self._vad_done)
-            self._vad_pass_running = future
+        self.vad_scheduler.tick(self.calls.values())
 
     def _sweep(self, now: float) -> None:
         """Once a second: dead sockets, silent handshakes, overlong calls, refusal counts."""
-        s = self.settings
         for conn in list(self.connections):
-            call_id = conn.decoder.call_id
-            if conn.burst_seconds and now - conn.last_data > 2 * conn.burst_seconds:
-                conn.read_every_byte()  # a gap: what is waiting in the socket is read now
-            if now - conn.last_data > s.tcp_socket_timeout:
-                log.warning("socket_timeout", peer=conn.peer, call_id=call_id)
-                conn.end("timeout")
-            elif conn.call is None and now - conn.opened > s.call_id_timeout:
-                log.warning("no_call_id", peer=conn.peer, seconds=s.call_id_timeout)
-                conn.end("no_call_id")
-            elif conn.call is not None and now - conn.opened > s.max_call_seconds:
-                log.warning("max_call_seconds", call_id=call_id, seconds=s.max_call_seconds)
-                conn.end("max_duration")
-        self._close_pending(self.pending.enforce(now, Connection.call_id_waiting))
-        if self._refused:
-            log.warning("connections_refused", **self._refused)
-            self._refused = {}
+            conn.sweep(now)
+        self.admission.sweep(now)
 
     def _status_line(self) -> str:
         queued = self.executor.queued if self.executor is not None else 0
         return f"{len(self.calls)} calls active, {queued} windows queued"
-
-    def _vad_pass(self, work: list[tuple[Call, VadState, FloatArray]]) -> list[tuple[Call, Any]]:
-        assert self.vad is not None
-        return [(call, self.vad.run(state, audio)) for call, state, audio in work]
-
-    def _vad_done(self, future: asyncio.Future[list[tuple[Call, Any]]]) -> None:
-        self._vad_pass_running = None
-        for conn in list(self.paused_for_vad):
-            if conn.call is None or conn.call.vad_backlog_seconds < VAD_BACKLOG_SECONDS / 2:
-                self.paused_for_vad.discard(conn)
-                if not conn.closed and conn.transport is not None:
-                    conn.transport.resume_reading()
-        if future.exception() is not None:
-            log.error("vad_failed", error=repr(future.exception()))
-            return
-        for call, probs in future.result():
-            if not call.ended:
-                call.on_vad(np.asarray(probs).tolist())
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -611,7 +329,7 @@ class Server:
         await self._http.close()
         if self.executor is not None:
             await self.executor.close()
-        self._vad_pool.shutdown(wait=True)
+        self.vad_scheduler.close()
         await self.recorder.close()
         await self.journal.close()
         await self.publisher.close(timeout=5.0)

@@ -2,7 +2,7 @@
 held and fits in the final's window together with the segment."""
 
 from streamsrv.asr.segmenter import Segment
-from streamsrv.call import final_context
+from streamsrv.transcript import final_context
 
 S = 16000
 

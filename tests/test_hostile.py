@@ -26,8 +26,10 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from streamsrv import admission as admission_module
 from streamsrv import audiosocket as aso
 from streamsrv import call as call_module
+from streamsrv import connection as connection_module
 from streamsrv import corpus
 from streamsrv import server as server_module
 from streamsrv.simulate import play_call
@@ -92,6 +94,8 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The in-process server's and calls' log events (fresh loggers, so that an earlier
     structlog.configure(cache_logger_on_first_use=True) cannot hide them)."""
     monkeypatch.setattr(server_module, "log", structlog.get_logger("streamsrv.server"))
+    monkeypatch.setattr(connection_module, "log", structlog.get_logger("streamsrv.connection"))
+    monkeypatch.setattr(admission_module, "log", structlog.get_logger("streamsrv.admission"))
     monkeypatch.setattr(call_module, "log", structlog.get_logger("streamsrv.call"))
     with capture_logs() as captured:
         yield captured
