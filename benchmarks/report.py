@@ -96,12 +96,13 @@ def table(rows: list[dict[str, str]]) -> str:
 
 
 def largest_holding(results: list[LiveResult]) -> int | None:
-    """The largest call count that holds the bar, with every smaller count tried holding too."""
+    """The largest call count that holds the bar in every run at that count (staggered and
+    burst), with every smaller count tried holding too."""
     best = None
-    for r in sorted(results, key=lambda r: r.calls):
-        if not r.holds_bar:
+    for count in sorted({r.calls for r in results}):
+        if not all(r.holds_bar for r in results if r.calls == count):
             break
-        best = r.calls
+        best = count
     return best
 
 

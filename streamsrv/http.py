@@ -89,7 +89,7 @@ class HttpApi:
         except ValueError:
             return uploads.error_response(404, "no such call")
         try:
-            view = await self._jobs.call_view(call_id)
+            view = await self._jobs.calls.view(call_id)
         except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
             log.warning("call_view_failed", call_id=call_id, error=repr(exc))
             return uploads.error_response(503, "database unavailable")

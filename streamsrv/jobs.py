@@ -1,4 +1,4 @@
-"""Postgres schema and the writes streamsrv makes: call rows and post-call jobs.
+"""Postgres: the schema and its migrations, the connection pool, and the repositories.
 
 Migrations are numbered SQL steps recorded in schema_version and applied in one transaction under
 an advisory lock, so any number of processes may run them at once and re-running is harmless.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,6 +15,7 @@ import asyncpg
 import structlog
 
 from streamsrv.config import Settings
+from streamsrv.repositories import CallRepository, JobRepository
 
 log = structlog.get_logger(__name__)
 
@@ -126,7 +125,8 @@ def tcp_address(url: str) -> tuple[str, int] | None:
 
 
 class JobStore:
-    """Call rows and post-call jobs in Postgres, through a small connection pool."""
+    """streamsrv's Postgres: the connection pool, the schema, and the repositories of its
+    tables (`calls`, `jobs`: streamsrv.repositories)."""
 
     def __init__(
         self,
@@ -141,6 +141,8 @@ class JobStore:
         self._check_timeout = check_timeout
         self._close_timeout = close_timeout
         self._pool: Any = None
+        self.calls = CallRepository(self)
+        self.jobs = JobRepository(self, settings)
 
     async def start(self) -> None:
         """Open the pool and migrate; raises if Postgres cannot be reached."""
@@ -165,68 +167,6 @@ class JobStore:
         except TimeoutError:
             log.warning("postgres_close_timeout", timeout=self._close_timeout)
             pool.terminate()
-
-    async def call_started(
-        self,
-        call_id: str,
-        created_at: datetime,
-        peer: str,
-        sample_rate: int,
-        processing_mode: str,
-    ) -> None:
-        """Insert the call as active; a repeat for the same call changes nothing."""
-        await self._require().execute(
-            "insert into calls (call_id, created_at, peer, sample_rate, status, processing_mode)"
-            " values ($1, $2, $3, $4, 'active', $5) on conflict (call_id) do nothing",
-            call_id,
-            created_at,
-            peer,
-            sample_rate,
-            processing_mode,
-        )
-
-    async def call_ended(
-        self,
-        call_id: str,
-        ended_at: datetime,
-        duration_s: float,
-        dtmf: str,
-        live_transcript: str,
-        language: str | None,
-        status: str,
-    ) -> None:
-        """Record the end of a call; creates the row if call_started never reached Postgres."""
-        await self._require().execute(
-            "insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"
-            " live_transcript, language, status)"
-            " values ($1, $2::timestamptz - make_interval(secs => $3::float8),"
-            " $2, $3, $4, $5, $6, $7)"
-            " on conflict (call_id) do update set ended_at = excluded.ended_at,"
-            " duration_s = excluded.duration_s, dtmf = excluded.dtmf,"
-            " live_transcript = excluded.live_transcript, language = excluded.language,"
-            " status = excluded.status",
-            call_id,
-            ended_at,
-            duration_s,
-            dtmf,
-            live_transcript,
-            language,
-            status,
-        )
-
-    async def enqueue_job(self, call_id: str, audio_path: str, priority: int = 0) -> int:
-        """Queue the call's post-call job once; returns its id, the existing one on a repeat."""
-        pool = self._require()
-        job_id = await pool.fetchval(
-            "insert into postcall_jobs (call_id, audio_path, priority) values ($1, $2, $3)"
-            " on conflict (call_id) do nothing returning id",
-            call_id,
-            audio_path,
-            priority,
-        )
-        if job_id is None:
-            job_id = await pool.fetchval("select id from postcall_jobs where call_id = $1", call_id)
-        return int(job_id)
 
     @property
     def started(self) -> bool:
@@ -256,52 +196,6 @@ class JobStore:
     def pool(self) -> Any:
         """The asyncpg pool, for the post-call queue and the HTTP API (after start())."""
         return self._require()
-
-    async def create_upload(
-        self,
-        call_id: str,
-        received_at: datetime,
-        duration_s: float,
-        audio_path: str,
-        priority: int,
-        language: str | None,
-    ) -> int:
-        """An uploaded recording: an ended postcall_only call and its job, both or neither."""
-        async with self._require().acquire() as conn, conn.transaction():
-            await conn.execute(
-                "insert into calls (call_id, created_at, ended_at, duration_s, peer,"
-                " sample_rate, status, processing_mode)"
-                " values ($1, $2, $2, $3, 'upload', 16000, 'ended', 'postcall_only')",
-                call_id,
-                received_at,
-                duration_s,
-            )
-            job_id = await conn.fetchval(
-                "insert into postcall_jobs (call_id, audio_path, priority, language)"
-                " values ($1, $2, $3, $4) returning id",
-                call_id,
-                audio_path,
-                priority,
-                language,
-            )
-        return int(job_id)
-
-    async def call_view(self, call_id: str) -> dict[str, Any] | None:
-        """The call row with its job and post-call results (null until there are any), as JSON
-        values; None for an unknown call."""
-        row = await self._require().fetchrow(
-            "select to_jsonb(c) as call, to_jsonb(j) - 'call_id' as job,"
-            " to_jsonb(r) - 'call_id' as results"
-            " from calls c left join postcall_jobs j using (call_id)"
-            " left join postcall_results r using (call_id) where c.call_id = $1",
-            call_id,
-        )
-        if row is None:
-            return None
-        view: dict[str, Any] = json.loads(row["call"])
-        view["job"] = json.loads(row["job"]) if row["job"] is not None else None
-        view["results"] = json.loads(row["results"]) if row["results"] is not None else None
-        return view
 
     async def check(self) -> str:
         """ "ok" or "down", cheaply, for /health."""

@@ -23,8 +23,8 @@ class CallStartedRow:
     sample_rate: int
     processing_mode: str
 
-    async def apply(self, jobs: JobStore) -> None:
-        await jobs.call_started(
+    async def apply(self, db: JobStore) -> None:
+        await db.calls.started(
             self.call_id, self.created_at, self.peer, self.sample_rate, self.processing_mode
         )
 
@@ -36,8 +36,8 @@ class JobRow:
     call_id: str
     audio_path: str
 
-    async def apply(self, jobs: JobStore) -> int:
-        return await jobs.enqueue_job(self.call_id, self.audio_path)
+    async def apply(self, db: JobStore) -> int:
+        return await db.jobs.enqueue(self.call_id, self.audio_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +52,8 @@ class CallEndedRow:
     language: str | None
     status: str
 
-    async def apply(self, jobs: JobStore) -> None:
-        await jobs.call_ended(
+    async def apply(self, db: JobStore) -> None:
+        await db.calls.ended(
             self.call_id,
             self.ended_at,
             self.duration_s,

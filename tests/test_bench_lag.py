@@ -324,3 +324,22 @@ def test_percentile_of_nothing_is_nan() -> None:
 
 def test_percentile_accepts_a_generator() -> None:
     assert lag.percentile((x for x in [None, 1.0, 3.0]), 50) == 2.0
+
+
+# --- the sweep's verdict -------------------------------------------------------------------------
+
+
+def test_a_count_holds_the_bar_only_when_every_scenario_at_it_does() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from benchmarks.live import LiveResult
+    from benchmarks.report import largest_holding
+
+    def run(calls: int, holds: bool) -> LiveResult:
+        return cast(LiveResult, SimpleNamespace(calls=calls, holds_bar=holds))
+
+    staggered_and_burst = [run(4, True), run(4, True), run(6, True), run(6, False), run(8, True)]
+    assert largest_holding(staggered_and_burst) == 4
+    assert largest_holding([run(2, True), run(4, True)]) == 4
+    assert largest_holding([run(1, False), run(2, True)]) is None

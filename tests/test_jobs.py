@@ -77,15 +77,15 @@ async def test_concurrent_store_starts_are_safe(database_url: str) -> None:
 async def test_call_lifecycle(store: JobStore, conn: Any) -> None:
     call_id = str(uuid.uuid4())
     started = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-    await store.call_started(call_id, started, "10.0.0.7:5000", 8000, "hybrid")
-    await store.call_started(call_id, started + timedelta(hours=1), "other", 16000, "x")
+    await store.calls.started(call_id, started, "10.0.0.7:5000", 8000, "hybrid")
+    await store.calls.started(call_id, started + timedelta(hours=1), "other", 16000, "x")
     row = await conn.fetchrow("select * from calls where call_id = $1", call_id)
     assert (row["created_at"], row["peer"], row["sample_rate"]) == (started, "10.0.0.7:5000", 8000)
     assert (row["status"], row["dtmf"], row["live_transcript"]) == ("active", "", "")
     assert row["ended_at"] is None and row["processing_mode"] == "hybrid"
 
     ended = started + timedelta(seconds=42.5)
-    await store.call_ended(call_id, ended, 42.5, "12#", "hello there", "en", "ended")
+    await store.calls.ended(call_id, ended, 42.5, "12#", "hello there", "en", "ended")
     row = await conn.fetchrow("select * from calls where call_id = $1", call_id)
     assert (row["ended_at"], row["duration_s"], row["dtmf"]) == (ended, 42.5, "12#")
     assert (row["live_transcript"], row["language"], row["status"]) == (
@@ -99,7 +99,7 @@ async def test_call_lifecycle(store: JobStore, conn: Any) -> None:
 async def test_call_ended_without_start_creates_row(store: JobStore, conn: Any) -> None:
     call_id = str(uuid.uuid4())
     ended = datetime(2024, 5, 1, 12, 0, 10, tzinfo=UTC)
-    await store.call_ended(call_id, ended, 10.0, "", "", None, "interrupted")
+    await store.calls.ended(call_id, ended, 10.0, "", "", None, "interrupted")
     row = await conn.fetchrow("select * from calls where call_id = $1", call_id)
     assert row["created_at"] == ended - timedelta(seconds=10)
     assert row["status"] == "interrupted"
@@ -108,14 +108,14 @@ async def test_call_ended_without_start_creates_row(store: JobStore, conn: Any) 
 async def test_bad_status_is_rejected(store: JobStore) -> None:
     call_id = str(uuid.uuid4())
     with pytest.raises(asyncpg.CheckViolationError):
-        await store.call_ended(call_id, datetime.now(UTC), 1.0, "", "", None, "bogus")
+        await store.calls.ended(call_id, datetime.now(UTC), 1.0, "", "", None, "bogus")
 
 
 async def test_enqueue_job_once(store: JobStore, conn: Any) -> None:
     call_id = str(uuid.uuid4())
-    await store.call_started(call_id, datetime.now(UTC), "peer", 8000, "hybrid")
-    first = await store.enqueue_job(call_id, "/rec/a.wav", priority=5)
-    second = await store.enqueue_job(call_id, "/rec/other.wav")
+    await store.calls.started(call_id, datetime.now(UTC), "peer", 8000, "hybrid")
+    first = await store.jobs.enqueue(call_id, "/rec/a.wav", priority=5)
+    second = await store.jobs.enqueue(call_id, "/rec/other.wav")
     assert first == second
     rows = await conn.fetch("select * from postcall_jobs where call_id = $1", call_id)
     assert len(rows) == 1
@@ -127,8 +127,8 @@ async def test_enqueue_job_once(store: JobStore, conn: Any) -> None:
 
 async def test_concurrent_enqueue_returns_one_id(store: JobStore) -> None:
     call_id = str(uuid.uuid4())
-    await store.call_started(call_id, datetime.now(UTC), "peer", 8000, "hybrid")
-    ids = await asyncio.gather(*(store.enqueue_job(call_id, "/rec/x.wav") for _ in range(8)))
+    await store.calls.started(call_id, datetime.now(UTC), "peer", 8000, "hybrid")
+    ids = await asyncio.gather(*(store.jobs.enqueue(call_id, "/rec/x.wav") for _ in range(8)))
     assert len(set(ids)) == 1
 
 

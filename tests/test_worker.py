@@ -25,9 +25,9 @@ import pytest
 from streamsrv import corpus
 from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
-from streamsrv.postcall.queue import JobQueue
 from streamsrv.postcall.transcribe import Outcome, PostcallModel
 from streamsrv.postcall.worker import Worker, abandoned_jobs
+from streamsrv.repositories import JobRepository
 from streamsrv.wer import wer
 from tests.e2e import make_settings
 from tests.postcall_helpers import drain, fresh_db, insert_job, lifecycle, shared_model, wav_bytes
@@ -49,12 +49,12 @@ async def conn(fresh_db: str) -> AsyncIterator[Any]:
 
 
 @contextlib.asynccontextmanager
-async def queues(settings: Settings, count: int) -> AsyncIterator[list[JobQueue]]:
+async def queues(settings: Settings, count: int) -> AsyncIterator[list[JobRepository]]:
     """`count` claimers, each with its own connection pool, as separate workers would be."""
     stores = [JobStore(settings) for _ in range(count)]
     await asyncio.gather(*(store.start() for store in stores))
     try:
-        yield [JobQueue(store.pool, settings, f"w{i}") for i, store in enumerate(stores)]
+        yield [JobRepository(store, settings, f"w{i}") for i, store in enumerate(stores)]
     finally:
         await asyncio.gather(*(store.close() for store in stores))
 
@@ -68,7 +68,7 @@ async def test_concurrent_claimers_never_share_a_job(conn: Any, fresh_db: str) -
     settings = Settings(database_url=fresh_db)
     async with queues(settings, 4) as claimers:
 
-        async def claim_all(queue: JobQueue) -> list[int]:
+        async def claim_all(queue: JobRepository) -> list[int]:
             taken: list[int] = []
             while jobs := await queue.claim(3):
                 taken += [job.id for job in jobs]

@@ -77,7 +77,7 @@ async def handle_upload(request: web.Request, settings: Settings, store: JobStor
     finally:
         await asyncio.to_thread(upload.temp.unlink, missing_ok=True)
     try:
-        job_id = await store.create_upload(
+        job_id = await store.calls.create_upload(
             call_id, received, seconds, str(path), upload.priority, upload.language
         )
     except Exception as exc:  # Postgres away or failing: the recording must not stay behind

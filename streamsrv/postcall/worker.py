@@ -35,8 +35,8 @@ from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.cache import ResultCache, cache_key
-from streamsrv.postcall.queue import Job, JobQueue
 from streamsrv.postcall.transcribe import Outcome, PostcallModel
+from streamsrv.repositories import Job, JobRepository
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +105,7 @@ class Worker:
         self.store = JobStore(settings)
         self.channel = events.Channels(settings.redis_channel_prefix).lifecycle
         self.counts = {"done": 0, "retried": 0, "failed": 0, "lost": 0}
-        self._queue: JobQueue | None = None
+        self._queue: JobRepository | None = None
         self._redis: redis.Redis | None = None
         self._cache: ResultCache | None = None
         self._tasks: dict[asyncio.Task[None], Job] = {}
@@ -117,7 +117,7 @@ class Worker:
 
     async def start(self) -> None:
         await self.store.start()
-        self._queue = JobQueue(self.store.pool, self.settings, self.name)
+        self._queue = JobRepository(self.store, self.settings, self.name)
         self._redis = redis.Redis.from_url(
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5
         )
@@ -154,7 +154,7 @@ class Worker:
             await self.close()
 
     @property
-    def queue(self) -> JobQueue:
+    def queue(self) -> JobRepository:
         if self._queue is None:
             raise RuntimeError("Worker.start() was not called")
         return self._queue

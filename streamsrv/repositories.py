@@ -1,0 +1,313 @@
+"""Typed repositories over the two tables a call has in Postgres: one explicit method per
+query, and all the SQL of a table in one place.
+
+CallRepository: the `calls` rows (at start, at end, of an upload) and the call view of
+GET /calls/<id>. JobRepository: the `postcall_jobs` rows, from the job a call queues to the
+worker's claim, lease, completion, retry and release.
+
+The job queue. Any number of workers on any number of machines share one queue. A claim locks
+the next rows with FOR UPDATE SKIP LOCKED, so concurrent claimers never wait for each other and
+never get the same job, and marks them running with a lease (lease_expires_at) that the worker
+renews while it works. A job whose worker died keeps status running until its lease expires;
+then it is claimable again. Every claim counts an attempt, and (worker, attempts) fences the
+claim: a worker that lost its lease can neither renew it nor write a result over the new
+holder's. A failed attempt goes back to the queue after RETRY_BACKOFF * 2^(attempt - 1) seconds
+(at most an hour); after CELERY_MAX_RETRIES retries the job is failed, its last error kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from streamsrv.config import Settings
+
+if TYPE_CHECKING:
+    from streamsrv.postcall.transcribe import Outcome
+
+
+class PoolSource(Protocol):
+    """Where the connection pool comes from (streamsrv.jobs.JobStore, once started)."""
+
+    @property
+    def pool(self) -> Any: ...
+
+
+MAX_BACKOFF = 3600.0
+
+_CLAIM = """
+with next_jobs as (
+    select id from postcall_jobs
+    where (status = 'queued' and run_after <= now())
+       or (status = 'running' and lease_expires_at < now())
+    order by {order}
+    limit $1
+    for update skip locked
+)
+update postcall_jobs j
+set status = 'running', attempts = j.attempts + 1, worker = $2, updated_at = now(),
+    lease_expires_at = now() + make_interval(secs => $3)
+from next_jobs
+where j.id = next_jobs.id
+returning j.id, j.call_id, j.audio_path, j.priority, j.attempts, j.language, j.error,
+    j.created_at, (select dtmf from calls c where c.call_id = j.call_id) as dtmf
+"""
+
+_HELD = "id = $1 and worker = $2 and attempts = $3 and status = 'running'"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    call_id: str
+    audio_path: str
+    priority: int
+    attempts: int  # including this one
+    language: str | None
+    dtmf: str
+    previous_error: str | None
+
+
+class CallRepository:
+    """The `calls` table."""
+
+    def __init__(self, db: PoolSource) -> None:
+        self._db = db
+
+    async def started(
+        self,
+        call_id: str,
+        created_at: datetime,
+        peer: str,
+        sample_rate: int,
+        processing_mode: str,
+    ) -> None:
+        """Insert the call as active; a repeat for the same call changes nothing."""
+        await self._db.pool.execute(
+            "insert into calls (call_id, created_at, peer, sample_rate, status, processing_mode)"
+            " values ($1, $2, $3, $4, 'active', $5) on conflict (call_id) do nothing",
+            call_id,
+            created_at,
+            peer,
+            sample_rate,
+            processing_mode,
+        )
+
+    async def ended(
+        self,
+        call_id: str,
+        ended_at: datetime,
+        duration_s: float,
+        dtmf: str,
+        live_transcript: str,
+        language: str | None,
+        status: str,
+    ) -> None:
+        """Record the end of a call; creates the row if call_started never reached Postgres."""
+        await self._db.pool.execute(
+            "insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"
+            " live_transcript, language, status)"
+            " values ($1, $2::timestamptz - make_interval(secs => $3::float8),"
+            " $2, $3, $4, $5, $6, $7)"
+            " on conflict (call_id) do update set ended_at = excluded.ended_at,"
+            " duration_s = excluded.duration_s, dtmf = excluded.dtmf,"
+            " live_transcript = excluded.live_transcript, language = excluded.language,"
+            " status = excluded.status",
+            call_id,
+            ended_at,
+            duration_s,
+            dtmf,
+            live_transcript,
+            language,
+            status,
+        )
+
+    async def create_upload(
+        self,
+        call_id: str,
+        received_at: datetime,
+        duration_s: float,
+        audio_path: str,
+        priority: int,
+        language: str | None,
+    ) -> int:
+        """An uploaded recording: an ended postcall_only call and its job, both or neither."""
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "insert into calls (call_id, created_at, ended_at, duration_s, peer,"
+                " sample_rate, status, processing_mode)"
+                " values ($1, $2, $2, $3, 'upload', 16000, 'ended', 'postcall_only')",
+                call_id,
+                received_at,
+                duration_s,
+            )
+            job_id = await conn.fetchval(
+                "insert into postcall_jobs (call_id, audio_path, priority, language)"
+                " values ($1, $2, $3, $4) returning id",
+                call_id,
+                audio_path,
+                priority,
+                language,
+            )
+        return int(job_id)
+
+    async def view(self, call_id: str) -> dict[str, Any] | None:
+        """The call row with its job and post-call results (null until there are any), as JSON
+        values; None for an unknown call."""
+        row = await self._db.pool.fetchrow(
+            "select to_jsonb(c) as call, to_jsonb(j) - 'call_id' as job,"
+            " to_jsonb(r) - 'call_id' as results"
+            " from calls c left join postcall_jobs j using (call_id)"
+            " left join postcall_results r using (call_id) where c.call_id = $1",
+            call_id,
+        )
+        if row is None:
+            return None
+        view: dict[str, Any] = json.loads(row["call"])
+        view["job"] = json.loads(row["job"]) if row["job"] is not None else None
+        view["results"] = json.loads(row["results"]) if row["results"] is not None else None
+        return view
+
+
+class JobRepository:
+    """The `postcall_jobs` table: a call's job, and (for a worker: `worker` names it) the
+    claim, lease, completion, retry and release of jobs."""
+
+    def __init__(self, db: PoolSource, settings: Settings, worker: str = "") -> None:
+        self._db = db
+        self._settings = settings
+        self.worker = worker
+        order = (
+            "priority desc, created_at, id" if settings.queue_priority_enabled else "created_at, id"
+        )
+        self._claim_sql = _CLAIM.format(order=order)
+
+    async def enqueue(self, call_id: str, audio_path: str, priority: int = 0) -> int:
+        """Queue the call's post-call job once; returns its id, the existing one on a repeat."""
+        pool = self._db.pool
+        job_id = await pool.fetchval(
+            "insert into postcall_jobs (call_id, audio_path, priority) values ($1, $2, $3)"
+            " on conflict (call_id) do nothing returning id",
+            call_id,
+            audio_path,
+            priority,
+        )
+        if job_id is None:
+            job_id = await pool.fetchval("select id from postcall_jobs where call_id = $1", call_id)
+        return int(job_id)
+
+    async def claim(self, limit: int) -> list[Job]:
+        """Up to `limit` jobs, best first; marks them running under a fresh lease."""
+        rows = await self._db.pool.fetch(
+            self._claim_sql, limit, self.worker, self._settings.job_lease_seconds
+        )
+        if self._settings.queue_priority_enabled:
+            rows.sort(key=lambda r: (-r["priority"], r["created_at"], r["id"]))
+        else:  # UPDATE ... RETURNING does not keep the claim's order
+            rows.sort(key=lambda r: (r["created_at"], r["id"]))
+        return [
+            Job(
+                id=r["id"],
+                call_id=str(r["call_id"]),
+                audio_path=r["audio_path"],
+                priority=r["priority"],
+                attempts=r["attempts"],
+                language=r["language"],
+                dtmf=r["dtmf"] or "",
+                previous_error=r["error"],
+            )
+            for r in rows
+        ]
+
+    async def renew(self, job: Job) -> bool:
+        """Extend the lease; False when this worker no longer holds the job."""
+        held = await self._db.pool.fetchval(
+            "update postcall_jobs set lease_expires_at = now() + make_interval(secs => $4),"
+            f" updated_at = now() where {_HELD} returning id",
+            job.id,
+            self.worker,
+            job.attempts,
+            self._settings.job_lease_seconds,
+        )
+        return held is not None
+
+    async def complete(self, job: Job, outcome: Outcome) -> bool:
+        """Store the results and mark the job done, in one transaction; False (and nothing
+        written) when the lease was lost meanwhile."""
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            held = await conn.fetchval(
+                f"select id from postcall_jobs where {_HELD} for update",
+                job.id,
+                self.worker,
+                job.attempts,
+            )
+            if held is None:
+                return False
+            await conn.execute(
+                "insert into postcall_results (call_id, transcript, segments, language,"
+                " translation, insights, model, timings)"
+                " values ($1, $2, $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb)"
+                " on conflict (call_id) do update set transcript = excluded.transcript,"
+                " segments = excluded.segments, language = excluded.language,"
+                " translation = excluded.translation, insights = excluded.insights,"
+                " model = excluded.model, timings = excluded.timings, created_at = now()",
+                job.call_id,
+                outcome.transcript,
+                json.dumps(outcome.segments),
+                outcome.language,
+                outcome.translation,
+                json.dumps(outcome.insights) if outcome.insights is not None else None,
+                outcome.model,
+                json.dumps(outcome.timings),
+            )
+            await conn.execute(
+                "update postcall_jobs set status = 'done', error = null,"
+                " lease_expires_at = null, updated_at = now() where id = $1",
+                job.id,
+            )
+        return True
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before the retry that follows attempt number `attempts`."""
+        return float(min(MAX_BACKOFF, self._settings.retry_backoff * 2 ** (attempts - 1)))
+
+    async def retry_or_fail(self, job: Job, error: str) -> str | None:
+        """After a failed attempt: "queued" (retried after the back-off) or "failed" (no retries
+        left); None when the lease was lost meanwhile (the new holder decides)."""
+        status = "failed" if job.attempts > self._settings.max_retries else "queued"
+        result: str | None = await self._db.pool.fetchval(
+            "update postcall_jobs set status = $4, error = $5, lease_expires_at = null,"
+            " run_after = now() + make_interval(secs => $6), updated_at = now()"
+            f" where {_HELD} returning status",
+            job.id,
+            self.worker,
+            job.attempts,
+            status,
+            error,
+            self.backoff(job.attempts),
+        )
+        return result
+
+    async def release(self, job: Job) -> None:
+        """Give a job back untried (the worker is stopping): queued now, the attempt uncounted."""
+        await self._db.pool.execute(
+            "update postcall_jobs set status = 'queued', attempts = attempts - 1,"
+            f" lease_expires_at = null, run_after = now(), updated_at = now() where {_HELD}",
+            job.id,
+            self.worker,
+            job.attempts,
+        )
+
+    async def waiting(self) -> tuple[int, float | None]:
+        """Jobs a worker could still take (queued, or running under an expired lease), and the
+        seconds until the next of them may be claimed (0 when one may be now)."""
+        row = await self._db.pool.fetchrow(
+            "select count(*) as n, extract(epoch from min("
+            "  case when status = 'queued' then run_after else now() end) - now()) as wait"
+            " from postcall_jobs"
+            " where status = 'queued' or (status = 'running' and lease_expires_at < now())"
+        )
+        wait = row["wait"]
+        return int(row["n"]), max(0.0, float(wait)) if wait is not None else None
