@@ -204,10 +204,18 @@ def plot(results: list[LiveResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     results = sorted(results, key=lambda r: r.calls)
-    x = [r.calls for r in results]
+    x = sorted({r.calls for r in results})
     fig, lag_ax = plt.subplots(figsize=(8, 4.5))
-    lag_ax.plot(x, [r.word_lag_p95 for r in results], "o-", color="C0", label="word lag p95")
-    lag_ax.plot(x, [r.final_lag_p95 for r in results], "s--", color="C2", label="final lag p95")
+    staggered = [r for r in results if not r.prompts]
+    bursts = [r for r in results if r.prompts]
+    for runs, name, style in ((staggered, "", "-"), (bursts, ", burst", ":")):
+        if not runs:
+            continue
+        calls = [r.calls for r in runs]
+        lag_ax.plot(calls, [r.word_lag_p95 for r in runs], "o" + style, color="C0",
+                    label=f"word lag p95{name}")  # fmt: skip
+        lag_ax.plot(calls, [r.final_lag_p95 for r in runs], "s" + style, color="C2",
+                    label=f"final lag p95{name}", alpha=0.6)  # fmt: skip
     lag_ax.axhline(WORD_LAG_P95_MAX, color="C0", linestyle=":", linewidth=1)
     lag_ax.axhline(FINAL_LAG_P95_MAX, color="C2", linestyle=":", linewidth=1)
     failed = [r for r in results if not r.holds_bar]
@@ -244,7 +252,13 @@ def plot(results: list[LiveResult], path: Path, title: str) -> None:
     lag_ax.set_ylabel(f"lag, s (dotted: bar, {WORD_LAG_P95_MAX:g} s and {FINAL_LAG_P95_MAX:g} s)")
     lag_ax.set_ylim(bottom=0)
     cpu_ax = lag_ax.twinx()
-    cpu_ax.plot(x, [r.cpu_per_audio_s for r in results], "^-", color="C1", label="CPU s / audio s")
+    cpu_ax.plot(
+        [r.calls for r in staggered],
+        [r.cpu_per_audio_s for r in staggered],
+        "^-",
+        color="C1",
+        label="CPU s / audio s",
+    )
     cpu_ax.set_ylabel("server CPU s per s of call audio")
     cpu = [r.cpu_per_audio_s for r in results if math.isfinite(r.cpu_per_audio_s)]
     cpu_ax.set_ylim(0, 1.15 * max(cpu, default=1.0))
