@@ -210,6 +210,7 @@ class WhisperRunner:
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
+            # the same for every language: the vocabulary's non-speech tokens
             suppress_tokens=get_suppressed_tokens(tokenizers[0], (-1,)),
         )
         out: list[AsrResult] = []
@@ -217,21 +218,37 @@ class WhisperRunner:
         for tok, lang, result, prefix in zip(tokenizers, languages, results, prefixes, strict=True):
             # CTranslate2 returns the prefix with what it wrote after it
             tokens = [t for t in result.sequences_ids[0][len(prefix) :] if t < tok.eot]
-            text = tok.decode(tokens).strip()
-            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            ratio = compression_ratio(text)
-            # Whisper's rule, plus: a window the model is all but sure is silence stays empty
-            # even when its guess is fluent (the classic "you" or "Thank you." on silence).
-            silent = result.no_speech_prob > self.settings.no_speech_threshold and (
-                avg_logprob < self.settings.log_prob_threshold or result.no_speech_prob > 0.95
-            )
-            if silent or ratio > self.settings.compression_ratio_threshold:
-                text, tokens = "", []
-            out.append(AsrResult(text, lang, avg_logprob, result.no_speech_prob, ratio))
-            token_lists.append(tokens)
+            kept, guarded = self._result(tok, lang, result, tokens)
+            out.append(kept)
+            token_lists.append([] if guarded else tokens)
         if final:
-            self._add_words(tokenizers[0], batch, prefixes, token_lists, encoded, frames, out)
+            # each item aligned with its own tokenizer: a batch of detected languages may mix
+            for language in dict.fromkeys(languages):
+                mine = [
+                    t if lang == language else []
+                    for t, lang in zip(token_lists, languages, strict=True)
+                ]
+                tokenizer = self.tokenizer(language)
+                self._add_words(tokenizer, batch, prefixes, mine, encoded, frames, out)
         return self._without_context_where_failed(batch, prefixes, out)
+
+    def _result(
+        self, tok: Any, language: str, result: Any, tokens: list[int]
+    ) -> tuple[AsrResult, bool]:
+        """One window's text and scores, and whether the hallucination guards emptied it."""
+        text = tok.decode(tokens).strip()
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        ratio = compression_ratio(text)
+        # Whisper's rule, plus: a window the model is all but sure is silence stays empty
+        # even when its guess is fluent (the classic "you" or "Thank you." on silence).
+        silent = result.no_speech_prob > self.settings.no_speech_threshold and (
+            avg_logprob < self.settings.log_prob_threshold or result.no_speech_prob > 0.95
+        )
+        guarded = silent or ratio > self.settings.compression_ratio_threshold
+        kept = AsrResult(
+            "" if guarded else text, language, avg_logprob, result.no_speech_prob, ratio
+        )
+        return kept, guarded
 
     def _without_context_where_failed(
         self, batch: list[AsrRequest], prefixes: list[list[int]], out: list[AsrResult]
@@ -263,7 +280,8 @@ class WhisperRunner:
         out: list[AsrResult],
     ) -> None:
         """Word times from cross-attention alignment, relative to the segment's start: the
-        prefix is aligned too (it shapes where the new words fall) and then left out."""
+        prefix is aligned too (it shapes where the new words fall) and then left out. Items
+        whose token list is empty keep the words they have."""
         if not any(token_lists):
             return
         texts = [
@@ -271,7 +289,11 @@ class WhisperRunner:
             for prefix, tokens in zip(prefixes, token_lists, strict=True)
         ]
         aligned_lists = self.model.find_alignment(tokenizer, texts, encoded, frames)
-        for req, prefix, result, aligned in zip(batch, prefixes, out, aligned_lists, strict=True):
+        for req, prefix, result, aligned, text_tokens in zip(
+            batch, prefixes, out, aligned_lists, texts, strict=True
+        ):
+            if not text_tokens:
+                continue
             shift = req.context / SAMPLE_RATE if prefix else 0.0
             words: list[Word] = []
             consumed = 0

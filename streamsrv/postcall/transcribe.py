@@ -178,22 +178,35 @@ class PostcallModel:
         with self._lock:
             self.runs += 1
 
-        audio_seconds = len(audio) / SAMPLE_RATE
-        total = finished - started
-        timings = {
-            "load": round(load, 3),
-            "decode": round(decoded - started - load, 3),
-            "transcribe": round(transcribed - decoded, 3),
-            "translate": round(translated - transcribed, 3),
-            "insights": round(finished - translated, 3),
-            "total": round(total, 3),
-            "audio_seconds": round(audio_seconds, 3),
-            "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else 0.0,
-            "cached": False,
-        }
+        marks = (started, load, decoded, transcribed, translated, finished)
+        timings = _timings(*marks, audio_seconds=len(audio) / SAMPLE_RATE)
         return Outcome(
             transcript, found, detected, translation, found_insights, self.label, timings
         )
+
+
+def _timings(
+    started: float,
+    load: float,
+    decoded: float,
+    transcribed: float,
+    translated: float,
+    finished: float,
+    audio_seconds: float,
+) -> dict[str, Any]:
+    """Seconds per stage of one job (`load`: the model's, when this job loaded it)."""
+    total = finished - started
+    return {
+        "load": round(load, 3),
+        "decode": round(decoded - started - load, 3),
+        "transcribe": round(transcribed - decoded, 3),
+        "translate": round(translated - transcribed, 3),
+        "insights": round(finished - translated, 3),
+        "total": round(total, 3),
+        "audio_seconds": round(audio_seconds, 3),
+        "real_time_factor": round(total / audio_seconds, 4) if audio_seconds else 0.0,
+        "cached": False,
+    }
 
 
 def _segment_json(segment: Any) -> dict[str, Any]:
