@@ -160,24 +160,17 @@ def main(argv: list[str]) -> int:
     env = h.parse_env_args(args.env)
     results: list[LiveResult | IngestResult] = []
     blocks: list[tuple[str, str, Settings]] = []  # (title, body, settings) to record
-    if args.command == "live":
+    if args.command in ("live", "burst"):
         offline = OfflineTranscriber()
+        prompts = args.prompts if args.command == "burst" else None
         live = run_live(
-            args.calls, args.seconds, args.seed, env, offline, args.env_file, args.stagger
+            args.calls, args.seconds, args.seed, env, offline, args.env_file, args.stagger, prompts
         )
         results.append(live)
         body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
         print(body)
-        blocks.append((f"live, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
-    if args.command == "burst":
-        offline = OfflineTranscriber()
-        live = run_burst(
-            args.calls, args.prompts, args.seed, env, offline, args.env_file, args.stagger
-        )
-        results.append(live)
-        body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
-        print(body)
-        blocks.append((f"burst, {args.calls} call(s)", body, h.bench_settings(env, args.env_file)))
+        title = f"{args.command}, {args.calls} call(s)"
+        blocks.append((title, body, h.bench_settings(env, args.env_file)))
     if args.command in ("sweep", "all"):
         counts = args.calls if args.command == "sweep" else _calls_list(DEFAULT_SWEEP)
         seconds = args.seconds if args.command == "sweep" else DEFAULT_SECONDS

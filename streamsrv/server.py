@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import time
 
 import structlog
 
@@ -40,6 +39,7 @@ from streamsrv.recordings import RecordingWriter
 from streamsrv.recovery import recover_open_calls
 from streamsrv.spool import CallStore, Spool
 from streamsrv.systemd import Notifier
+from streamsrv.ticker import tick_every
 from streamsrv.vad_scheduler import VadScheduler
 
 log = structlog.get_logger(__name__)
@@ -111,7 +111,9 @@ class Server:
         for sock in self._tcp.sockets:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, s.tcp_buffer_size)
         await self._http.start()
-        self._tick_task = loop.create_task(self._tick_loop())
+        self._tick_task = loop.create_task(
+            tick_every(s.streaming_interval, self._tick, self.metrics.loop_lag_seconds)
+        )
         self.accepting = True
         self.notifier.ready(self._status_line())
         log.info(
@@ -230,21 +232,6 @@ class Server:
         return min(1.0, self.executor.queued / self.settings.max_queue_size)
 
     # -- scheduler -----------------------------------------------------------------------------
-
-    async def _tick_loop(self) -> None:
-        interval = self.settings.streaming_interval
-        next_at = time.monotonic()
-        while True:
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            now = time.monotonic()
-            self.metrics.loop_lag_seconds.observe(max(0.0, now - next_at))
-            if now - next_at > interval:
-                next_at = now  # fell behind: do not tick in a burst to catch up
-            try:
-                self._tick(now)
-            except Exception:
-                log.exception("tick_failed")
 
     def _tick(self, now: float) -> None:
         self.recorder.hand_over()
