@@ -156,10 +156,6 @@ class Server:
         return Health(body, self.accepting)
 
     @property
-    def jobs(self) -> JobStore:
-        return self.store.jobs
-
-    @property
     def recordings_status(self) -> str:
         """ok, or the last recording error while no recording has succeeded since."""
         return self.recorder.last_error or "ok"

@@ -162,7 +162,13 @@ class CallStore:
                     return False
             paths = await asyncio.to_thread(self.spool.pending)
             for done, path in enumerate(paths):
-                write = from_spool(json.loads(await asyncio.to_thread(path.read_text)))
+                try:
+                    write = from_spool(json.loads(await asyncio.to_thread(path.read_text)))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    # kept for a person to look at, out of the way of the writes after it
+                    log.error("spool_file_unreadable", path=str(path), error=repr(exc))
+                    await asyncio.to_thread(path.rename, path.with_suffix(".unreadable"))
+                    continue
                 try:
                     await write.apply(self.jobs)
                 except Exception as exc:
