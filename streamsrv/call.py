@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ from streamsrv.audio import (
 )
 from streamsrv.call_records import CallOpened, CallRecords
 from streamsrv.config import Settings
+from streamsrv.context import CallContext
 from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
@@ -73,7 +74,13 @@ def pcm_of(kind: int, payload: bytes, format_0x10: str) -> tuple[int, bytes, boo
 
 
 class Call:
-    def __init__(self, services: CallServices, call_id: str, peer: str) -> None:
+    def __init__(
+        self,
+        services: CallServices,
+        call_id: str,
+        peer: str,
+        context: CallContext | None = None,
+    ) -> None:
         self.s = services
         self.settings = services.settings
         self.call_id = call_id
@@ -86,6 +93,7 @@ class Call:
         self.frames = 0
         self.dtmf = ""
         self.ended = False
+        self.context = context  # posted before the call connected, or None
         self.transcript: LiveTranscript | None = None
         self._seq = 0
         self._assembler = PcmAssembler()
@@ -107,9 +115,22 @@ class Call:
 
     @property
     def language(self) -> str | None:
+        """The call's language: its context's, else LANGUAGE, else the first one detected."""
         if self.transcript is not None:
             return self.transcript.language
+        if self.context is not None and self.context.fixed_language:
+            return self.context.fixed_language
         return None if self.settings.language == "auto" else self.settings.language
+
+    def set_context(self, context: CallContext) -> None:
+        """Context posted while the call runs: merged into what it had, in effect from now on
+        (the language of the next requests to the model, the role of the next finals)."""
+        self.context = context if self.context is None else self.context.merged(context)
+        if self.transcript is not None and context.fixed_language:
+            self.transcript.language = context.fixed_language
+        if self.started:
+            self._records.context(self.call_id, self.context, context.fixed_language)
+            self._emit(events.CallContext(call_id=self.call_id, context=self.context.as_json()))
 
     @property
     def audio_seconds(self) -> float:
@@ -188,6 +209,8 @@ class Call:
             self.settings.redis_channel_prefix,
         )
         self._records.start(opened, self._recording)
+        if self.context is not None:
+            self._records.context(self.call_id, self.context, self.context.fixed_language)
         self._emit(
             events.CallStarted(
                 call_id=self.call_id,
@@ -195,6 +218,7 @@ class Call:
                 peer=self.peer,
                 sample_rate=rate,
                 processing_mode=self.mode,
+                context=self.context.as_json() if self.context is not None else None,
             )
         )
         self.log.info("call_started", peer=self.peer, sample_rate=rate, mode=self.mode)
@@ -249,9 +273,10 @@ class Call:
             return
         if future.cancelled() or future.exception() is not None:
             self.log.error("final_failed", error=repr(future.exception()))
+        context = self.context or CallContext()
         for final in self.transcript.final_done(ask, _result(future)):
             self.s.metrics.finals.inc()
-            self._emit(final)
+            self._emit(replace(final, role=context.role, conversation=context.conversation))
 
     # -- end of call ---------------------------------------------------------------------------
 
@@ -275,7 +300,7 @@ class Call:
         try:
             job_id = await self._records.finish(
                 self._ended_row(ended_at, duration, reason),
-                JobRow(self.call_id, str(path)) if self.mode != "realtime_only" else None,
+                self._job_row(str(path)),
             )
             if self.mode != "realtime_only":
                 self.s.metrics.jobs_written.inc()
@@ -316,6 +341,13 @@ class Call:
             await asyncio.wait(list(self._finals.values()))
         for ask, future in list(self._finals.items()):
             self._final_landed(ask, future)
+
+    def _job_row(self, audio_path: str) -> JobRow | None:
+        """The post-call job, for the modes that ask for one; in the context's language."""
+        if self.mode == "realtime_only":
+            return None
+        language = self.context.fixed_language if self.context is not None else None
+        return JobRow(self.call_id, audio_path, language)
 
     def _ended_row(self, ended_at: datetime, duration: float, reason: str) -> CallEndedRow:
         transcript = self.transcript

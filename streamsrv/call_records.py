@@ -5,12 +5,15 @@ order. Writes go through CallStore, so a Postgres outage spools them instead of 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from streamsrv.context import CallContext
 from streamsrv.journal import Journal
 from streamsrv.recordings import Recording
-from streamsrv.records import CallEndedRow, CallStartedRow, JobRow
+from streamsrv.records import CallEndedRow, CallStartedRow, ContextRow, JobRow
 from streamsrv.spool import CallStore
 
 
@@ -30,12 +33,28 @@ class CallRecords:
     def __init__(self, store: CallStore, journal: Journal) -> None:
         self._store = store
         self._journal = journal
-        self._started: asyncio.Task[None] | None = None
+        self._last: asyncio.Task[None] | None = (
+            None  # the latest write; each waits for the one before
+        )
 
     def start(self, opened: CallOpened, recording: Recording) -> None:
         """Journal the open call (so a crash cannot lose it), then write its row; in the
         background, so the loop does not wait on the disk or Postgres."""
-        self._started = asyncio.get_running_loop().create_task(self._start(opened, recording))
+        self._then(self._start(opened, recording))
+
+    def context(self, call_id: str, context: CallContext, language: str | None) -> None:
+        """Store the call's context (all of it so far), after the writes before it."""
+        self._then(self._store.call_context(ContextRow(call_id, context.as_json(), language)))
+
+    def _then(self, write: Coroutine[Any, Any, None]) -> None:
+        before = self._last
+
+        async def in_order() -> None:
+            if before is not None:
+                await before
+            await write
+
+        self._last = asyncio.get_running_loop().create_task(in_order())
 
     async def _start(self, c: CallOpened, recording: Recording) -> None:
         await recording.flush()  # the file exists, under the name it really got
@@ -56,8 +75,8 @@ class CallRecords:
         """The job (if the call's mode asks for one) and the final row, then the journal entry
         struck out; the job's id, None when it waits in the spool or none was asked for.
         Raises when a write could neither be made nor spooled: the journal keeps the call."""
-        if self._started is not None:
-            await self._started
+        if self._last is not None:
+            await self._last
         job_id = await self._store.enqueue_job(job) if job is not None else None
         await self._store.call_ended(ended)
         await self._journal.closed(ended.call_id)

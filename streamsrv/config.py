@@ -81,9 +81,12 @@ def _var(
     parse: Callable[[str], Any] = str,
     doc: str = "",
     aliases: tuple[str, ...] = (),
+    secret: bool = False,
 ) -> Any:
     return field(
-        default=default, metadata={"env": env, "parse": parse, "doc": doc, "aliases": aliases}
+        default=default,
+        repr=not secret,  # a secret never reaches a log line through repr(settings)
+        metadata={"env": env, "parse": parse, "doc": doc, "aliases": aliases},
     )
 
 
@@ -98,6 +101,10 @@ class Settings:
     )
     http_host: str = _var("HTTP_HOST", "127.0.0.1")
     http_port: int = _var("HTTP_PORT", 8125, int)
+    http_token: str = _var("HTTP_TOKEN", "", secret=True)
+    http_allowed_peers: tuple[str, ...] = _var("HTTP_ALLOWED_PEERS", (), _cidrs)
+    context_pending_seconds: float = _var("CONTEXT_PENDING_SECONDS", 600.0, float)
+    context_pending_max: int = _var("CONTEXT_PENDING_MAX", 10_000, int)
     redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0")
     redis_channel_prefix: str = _var("REDIS_CHANNEL_PREFIX", "streamsrv:")
     redis_backlog: int = _var("REDIS_BACKLOG", 10000, int)
@@ -269,6 +276,8 @@ class Settings:
             (1 <= self.postcall_beam_size <= 10, "POSTCALL_BEAM_SIZE: between 1 and 10"),
             (self.result_cache_ttl >= 1, "RESULT_CACHE_TTL: at least 1 second"),
             (self.max_upload_bytes >= 1, "MAX_UPLOAD_BYTES: at least 1"),
+            (self.context_pending_seconds > 0, "CONTEXT_PENDING_SECONDS: must be positive"),
+            (self.context_pending_max >= 1, "CONTEXT_PENDING_MAX: at least 1"),
         ]
 
     @property

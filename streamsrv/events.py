@@ -72,6 +72,18 @@ class CallStarted(Event):
     peer: str
     sample_rate: int
     processing_mode: str
+    context: dict[str, Any] | None = None  # when it was posted before the call connected
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallContext(Event):
+    """Context posted while the call runs: all of it so far, in effect from now on."""
+
+    TYPE = "call_context"
+    LIFECYCLE = True
+    STREAMED = True
+
+    context: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +101,7 @@ class Partial(Event):
 class Final(Event):
     TYPE = "final"
     STREAMED = True
-    NULLABLE = frozenset({"language"})
+    NULLABLE = frozenset({"language", "role", "conversation"})
 
     segment: int
     text: str
@@ -99,6 +111,8 @@ class Final(Event):
     words: list[WordTime] | None = None
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+    role: str | None = None  # from the call's context
+    conversation: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,7 +166,16 @@ class PostcallFailed(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
-    for cls in (CallStarted, Partial, Final, Dtmf, CallEnded, PostcallDone, PostcallFailed)
+    for cls in (
+        CallStarted,
+        CallContext,
+        Partial,
+        Final,
+        Dtmf,
+        CallEnded,
+        PostcallDone,
+        PostcallFailed,
+    )
 }
 STREAMED_TYPES = frozenset(t for t, cls in EVENT_TYPES.items() if cls.STREAMED)
 
@@ -196,6 +219,7 @@ def decode(message: dict[str, Any]) -> Event:
 __all__ = [
     "EVENT_TYPES",
     "STREAMED_TYPES",
+    "CallContext",
     "CallEnded",
     "CallStarted",
     "Channels",

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from streamsrv.config import Settings
+from streamsrv.http_context import ContextSink, post_context, write_guard
 from streamsrv.jobs import JobStore
 from streamsrv.metrics import Metrics
 from streamsrv.postcall import uploads
@@ -38,16 +39,19 @@ class HttpApi:
         health: Callable[[], Awaitable[Health]],
         metrics: Metrics,
         jobs: JobStore,
+        contexts: ContextSink,
     ) -> None:
         self.settings = settings
         self._health = health
         self._metrics = metrics
         self._jobs = jobs
-        self.app = web.Application()
+        self._contexts = contexts
+        self.app = web.Application(middlewares=[write_guard(settings)])
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_post("/audio/process", self.process_audio)
         self.app.router.add_get("/calls/{call_id}", self.get_call)
+        self.app.router.add_post("/calls/{call_id}/context", self.post_context)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -81,6 +85,10 @@ class HttpApi:
     async def process_audio(self, request: web.Request) -> web.Response:
         """A recording that did not come over AudioSocket: stored, queued, 202."""
         return await uploads.handle_upload(request, self.settings, self._jobs)
+
+    async def post_context(self, request: web.Request) -> web.Response:
+        """Who the call is (streamsrv.http_context): held until it connects, or applied."""
+        return await post_context(request, self._contexts)
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""

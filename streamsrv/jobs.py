@@ -81,6 +81,22 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        # Call context from the PBX (POST /calls/<id>/context): who the stream is, which
+        # conversation it belongs to; the index finds a conversation's legs.
+        3,
+        """
+        alter table calls
+            add column role text,
+            add column conversation text,
+            add column caller text,
+            add column agent text,
+            add column queue text,
+            add column tags jsonb;
+        create index calls_conversation_idx on calls (conversation)
+            where conversation is not null;
+        """,
+    ),
 )
 
 

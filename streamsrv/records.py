@@ -35,9 +35,22 @@ class JobRow:
 
     call_id: str
     audio_path: str
+    language: str | None = None  # fixed by the call's context
 
     async def apply(self, db: JobStore) -> int:
-        return await db.jobs.enqueue(self.call_id, self.audio_path)
+        return await db.jobs.enqueue(self.call_id, self.audio_path, language=self.language)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextRow:
+    OP: ClassVar[str] = "call_context"
+
+    call_id: str
+    context: dict[str, Any]  # CallContext.as_json()
+    language: str | None  # fixed by it, if it fixes one
+
+    async def apply(self, db: JobStore) -> None:
+        await db.calls.set_context(self.call_id, self.context, self.language)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +77,9 @@ class CallEndedRow:
         )
 
 
-Write = CallStartedRow | JobRow | CallEndedRow
-_KINDS: dict[str, type[CallStartedRow] | type[JobRow] | type[CallEndedRow]] = {
-    kind.OP: kind for kind in (CallStartedRow, JobRow, CallEndedRow)
+Write = CallStartedRow | JobRow | ContextRow | CallEndedRow
+_KINDS: dict[str, type[Write]] = {
+    kind.OP: kind for kind in (CallStartedRow, JobRow, ContextRow, CallEndedRow)
 }
 
 

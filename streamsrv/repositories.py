@@ -95,6 +95,26 @@ class CallRepository:
             processing_mode,
         )
 
+    async def set_context(
+        self, call_id: str, context: dict[str, Any], language: str | None
+    ) -> None:
+        """The call's context (the fields given replace theirs; tags are added to its tags);
+        the language too when the context fixes one."""
+        await self._db.pool.execute(
+            "update calls set role = coalesce($2, role), conversation = coalesce($3,"
+            " conversation), caller = coalesce($4, caller), agent = coalesce($5, agent),"
+            " queue = coalesce($6, queue), tags = coalesce(tags, '{}'::jsonb) || $7::jsonb,"
+            " language = coalesce($8, language) where call_id = $1",
+            call_id,
+            context.get("role"),
+            context.get("conversation"),
+            context.get("caller"),
+            context.get("agent"),
+            context.get("queue"),
+            json.dumps(context.get("tags", {})),
+            language,
+        )
+
     async def ended(
         self,
         call_id: str,
@@ -184,15 +204,19 @@ class JobRepository:
         )
         self._claim_sql = _CLAIM.format(order=order)
 
-    async def enqueue(self, call_id: str, audio_path: str, priority: int = 0) -> int:
-        """Queue the call's post-call job once; returns its id, the existing one on a repeat."""
+    async def enqueue(
+        self, call_id: str, audio_path: str, priority: int = 0, language: str | None = None
+    ) -> int:
+        """Queue the call's post-call job once; returns its id, the existing one on a repeat.
+        `language`: the one the call's context fixed (None: LANGUAGE, then detection)."""
         pool = self._db.pool
         job_id = await pool.fetchval(
-            "insert into postcall_jobs (call_id, audio_path, priority) values ($1, $2, $3)"
-            " on conflict (call_id) do nothing returning id",
+            "insert into postcall_jobs (call_id, audio_path, priority, language)"
+            " values ($1, $2, $3, $4) on conflict (call_id) do nothing returning id",
             call_id,
             audio_path,
             priority,
+            language,
         )
         if job_id is None:
             job_id = await pool.fetchval("select id from postcall_jobs where call_id = $1", call_id)

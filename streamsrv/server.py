@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import time
 
 import structlog
 
@@ -30,6 +31,7 @@ from streamsrv.asr.whisper import AsrRequest, AsrResult
 from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
 from streamsrv.connection import Connection
+from streamsrv.context import CallContext, PendingContexts
 from streamsrv.http import Health, HttpApi
 from streamsrv.jobs import JobStore
 from streamsrv.journal import Journal
@@ -65,7 +67,11 @@ class Server:
         self.vad_scheduler = VadScheduler()
         self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
-        self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs)
+        self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs, self)
+        self.contexts = PendingContexts(
+            settings.context_pending_max, settings.context_pending_seconds
+        )
+        self.english_only = False  # the live model knows only English
         self._tick_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -128,6 +134,7 @@ class Server:
         self.model_status = "loading"
         model = await load_live_model(self.settings, self.metrics)
         self.executor, self.model_name = model.executor, model.name
+        self.english_only = model.english_only
         self.vad = self.vad_scheduler.vad = model.vad
         self.model_status = "ok"
 
@@ -194,11 +201,24 @@ class Server:
             raise aso.ProtocolError(f"call id {call_id} was already used")
         if not self.admission.identified(conn, len(self.calls)):
             return None
-        call = Call(self.services, call_id, conn.peer)
+        held = self.contexts.take(call_id, time.monotonic())
+        call = Call(self.services, call_id, conn.peer, held)
         self.calls[call_id] = call
         self.metrics.calls_total.inc()
         self.metrics.calls_active.inc()
         return call
+
+    def post_context(self, call_id: str, context: CallContext) -> tuple[str, CallContext]:
+        """Context from the PBX: `applied` to the running call, `held` until it connects
+        (bounded: streamsrv.context.PendingContexts), or `ended` (refused)."""
+        call = self.calls.get(call_id)
+        if call_id in self._ended_ids or (call is not None and call.ended):
+            return "ended", context
+        if call is not None:
+            call.set_context(context)
+            assert call.context is not None
+            return "applied", call.context
+        return "held", self.contexts.put(call_id, context, time.monotonic())
 
     def finish(self, call: Call, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(call, reason))

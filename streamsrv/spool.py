@@ -29,7 +29,15 @@ import structlog
 
 from streamsrv.jobs import JobStore
 from streamsrv.recordings import fsync_directory
-from streamsrv.records import CallEndedRow, CallStartedRow, JobRow, Write, from_spool, to_spool
+from streamsrv.records import (
+    CallEndedRow,
+    CallStartedRow,
+    ContextRow,
+    JobRow,
+    Write,
+    from_spool,
+    to_spool,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +118,9 @@ class CallStore:
         await self.jobs.close()
 
     async def call_started(self, row: CallStartedRow) -> None:
+        await self._write(row)
+
+    async def call_context(self, row: ContextRow) -> None:
         await self._write(row)
 
     async def call_ended(self, row: CallEndedRow) -> None:

@@ -14,16 +14,25 @@ DOCUMENTED = [
     {"type": "call_started", "call_id": CALL, "seq": 1, "emitted_at": 1764720000.5,
      "started_at": 1764720000.4, "peer": "127.0.0.1:40000", "sample_rate": 8000,
      "processing_mode": "hybrid"},
+    # context posted before the call connected
+    {"type": "call_started", "call_id": CALL, "seq": 1, "emitted_at": 1764720000.5,
+     "started_at": 1764720000.4, "peer": "127.0.0.1:40001", "sample_rate": 8000,
+     "processing_mode": "hybrid", "context": {"role": "agent", "queue": "sales"}},
     {"type": "partial", "call_id": CALL, "seq": 2, "emitted_at": 1764720002.0, "segment": 0,
      "text": "please hold", "start": 0.3, "end": 1.5, "audio_end": 1.6},
     {"type": "final", "call_id": CALL, "seq": 3, "emitted_at": 1764720003.0, "segment": 0,
      "text": "Please hold.", "start": 0.3, "end": 1.9, "language": "en",
      "words": [{"word": "Please", "start": 0.3, "end": 0.6, "probability": 0.9},
                {"word": "hold.", "start": 0.6, "end": 1.1, "probability": 0.8}],
-     "avg_logprob": -0.2, "no_speech_prob": 0.01},
+     "avg_logprob": -0.2, "no_speech_prob": 0.01, "role": "caller", "conversation": "1764.7"},
     # a final whose model run failed: no words or scores, the call's language (none known)
     {"type": "final", "call_id": CALL, "seq": 4, "emitted_at": 1764720004.0, "segment": 1,
-     "text": "", "start": 2.0, "end": 3.0, "language": None},
+     "text": "", "start": 2.0, "end": 3.0, "language": None, "role": None,
+     "conversation": None},
+    # context posted while the call runs: all of it so far
+    {"type": "call_context", "call_id": CALL, "seq": 5, "emitted_at": 1764720004.5,
+     "context": {"language": "en", "role": "caller", "conversation": "1764.7",
+                 "tags": {"line": "7"}}},
     {"type": "dtmf", "call_id": CALL, "seq": 5, "emitted_at": 1764720005.0, "digit": "#",
      "at": 4.2},
     {"type": "call_ended", "call_id": CALL, "seq": 6, "emitted_at": 1764720006.0,
@@ -52,8 +61,14 @@ def test_every_message_round_trips_through_its_event(message: dict) -> None:
 def test_every_type_is_covered_and_routed_as_documented() -> None:
     assert {m["type"] for m in DOCUMENTED} == set(events.EVENT_TYPES)
     lifecycle = {t for t, cls in events.EVENT_TYPES.items() if cls.LIFECYCLE}
-    assert lifecycle == {"call_started", "call_ended", "postcall_done", "postcall_failed"}
-    assert {"call_started", "final", "dtmf", "call_ended"} == events.STREAMED_TYPES
+    assert lifecycle == {
+        "call_started",
+        "call_context",
+        "call_ended",
+        "postcall_done",
+        "postcall_failed",
+    }
+    assert {"call_started", "call_context", "final", "dtmf", "call_ended"} == events.STREAMED_TYPES
 
 
 def test_a_calls_event_needs_its_seq_and_a_message_its_fields() -> None:

@@ -7,12 +7,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streamsrv.records import CallEndedRow, CallStartedRow, JobRow, from_spool, to_spool
+from streamsrv.records import CallEndedRow, CallStartedRow, ContextRow, JobRow, from_spool, to_spool
 
 AT = datetime(2026, 12, 3, 7, 0, tzinfo=UTC)
 WRITES = [
     CallStartedRow("c1", AT, "10.0.0.7:5000", 8000, "hybrid"),
-    JobRow("c1", "/var/lib/streamsrv/recordings/2026/12/03/c1.wav"),
+    JobRow("c1", "/var/lib/streamsrv/recordings/2026/12/03/c1.wav", "sw"),
+    ContextRow("c1", {"role": "caller", "tags": {"line": "7"}}, "sw"),
     CallEndedRow("c1", AT, 12.5, "12#", "hello there", None, "ended"),
 ]
 
@@ -35,8 +36,11 @@ def test_the_previous_versions_spool_files_replay() -> None:
             "status": "ended",
         },
     }
-    assert from_spool(spooled) == WRITES[2]
-    assert to_spool(WRITES[2]) == spooled
+    assert from_spool(spooled) == WRITES[3]
+    assert to_spool(WRITES[3]) == spooled
+    # a job spooled before jobs carried a language
+    old_job = {"op": "enqueue_job", "kwargs": {"call_id": "c1", "audio_path": "/a.wav"}}
+    assert from_spool(old_job) == JobRow("c1", "/a.wav", None)
 
 
 def test_an_unknown_write_is_refused() -> None:

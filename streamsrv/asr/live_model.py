@@ -23,6 +23,7 @@ class LiveModel:
     executor: BatchExecutor[AsrRequest, AsrResult]  # started
     vad: SileroVad
     name: str  # for /health: "tiny.en (cpu, int8)"
+    english_only: bool  # an .en model: a context asking for another language is refused
 
 
 async def load_live_model(settings: Settings, metrics: Metrics) -> LiveModel:
@@ -54,4 +55,5 @@ async def load_live_model(settings: Settings, metrics: Metrics) -> LiveModel:
         device=device,
         compute_type=s.realtime_whisper_compute_type,
     )
-    return LiveModel(executor, vad, f"{name} ({device}, {s.realtime_whisper_compute_type})")
+    label = f"{name} ({device}, {s.realtime_whisper_compute_type})"
+    return LiveModel(executor, vad, label, not runner.multilingual)
