@@ -127,7 +127,7 @@ class Call:
         (the language of the next requests to the model, the role of the next finals)."""
         self.context = context if self.context is None else self.context.merged(context)
         if self.transcript is not None and context.fixed_language:
-            self.transcript.language = context.fixed_language
+            self.transcript.fix_language(context.fixed_language)
         if self.started:
             self._records.context(self.call_id, self.context, context.fixed_language)
             self._emit(events.CallContext(call_id=self.call_id, context=self.context.as_json()))
@@ -262,9 +262,10 @@ class Call:
         if self.ended:
             self.transcript.partial_shed(ask)
             return
-        for partial in self.transcript.partial_done(ask, _result(future)):
-            self.s.metrics.partials.inc()
-            self._emit(partial)
+        for event in self.transcript.partial_done(ask, _result(future)):
+            if isinstance(event, events.Partial):
+                self.s.metrics.partials.inc()
+            self._emit(event)
 
     def _final_landed(self, ask: Ask, future: asyncio.Future[AsrResult]) -> None:
         """Hand in a final's result (once: finish() may get there before the callback)."""
@@ -274,9 +275,11 @@ class Call:
         if future.cancelled() or future.exception() is not None:
             self.log.error("final_failed", error=repr(future.exception()))
         context = self.context or CallContext()
-        for final in self.transcript.final_done(ask, _result(future)):
-            self.s.metrics.finals.inc()
-            self._emit(replace(final, role=context.role, conversation=context.conversation))
+        for event in self.transcript.final_done(ask, _result(future)):
+            if isinstance(event, events.Final):
+                self.s.metrics.finals.inc()
+                event = replace(event, role=context.role, conversation=context.conversation)
+            self._emit(event)
 
     # -- end of call ---------------------------------------------------------------------------
 

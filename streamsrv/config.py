@@ -141,6 +141,8 @@ class Settings:
         "DEFAULT_PROCESSING_MODE", "hybrid", _choice(PROCESSING_MODES)
     )
     language: str = _var("LANGUAGE", "auto")
+    language_detect_seconds: float = _var("LANGUAGE_DETECT_SECONDS", 3.0, float)
+    language_detect_probability: float = _var("LANGUAGE_DETECT_PROBABILITY", 0.6, float)
     final_beam_size: int | None = _var("FINAL_BEAM_SIZE", None, _optional_int)
     contextless_final_beam_size: int = _var("CONTEXTLESS_FINAL_BEAM_SIZE", 5, int)
     condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
@@ -278,6 +280,14 @@ class Settings:
             (self.max_upload_bytes >= 1, "MAX_UPLOAD_BYTES: at least 1"),
             (self.context_pending_seconds > 0, "CONTEXT_PENDING_SECONDS: must be positive"),
             (self.context_pending_max >= 1, "CONTEXT_PENDING_MAX: at least 1"),
+            (
+                0.5 <= self.language_detect_seconds <= 30,
+                "LANGUAGE_DETECT_SECONDS: between 0.5 and 30",
+            ),
+            (
+                0 < self.language_detect_probability < 1,
+                "LANGUAGE_DETECT_PROBABILITY: between 0 and 1",
+            ),
         ]
 
     @property

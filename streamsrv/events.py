@@ -87,6 +87,22 @@ class CallContext(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LanguageDetected(Event):
+    """With LANGUAGE auto and none in the context: the call's language, decided once from its
+    first seconds of speech (or changed on strong evidence, `previous` then says from what)."""
+
+    TYPE = "language_detected"
+    LIFECYCLE = True
+    STREAMED = True
+    NULLABLE = frozenset({"previous"})
+
+    language: str
+    probability: float
+    at: float  # seconds of call audio when it was decided
+    previous: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Partial(Event):
     TYPE = "partial"
 
@@ -169,6 +185,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         CallStarted,
         CallContext,
+        LanguageDetected,
         Partial,
         Final,
         Dtmf,
@@ -226,6 +243,7 @@ __all__ = [
     "Dtmf",
     "Event",
     "Final",
+    "LanguageDetected",
     "Partial",
     "PostcallDone",
     "PostcallFailed",

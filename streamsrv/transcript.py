@@ -31,6 +31,7 @@ from streamsrv.asr.vad import VadState
 from streamsrv.asr.whisper import AsrRequest, AsrResult
 from streamsrv.audio import MODEL_RATE, FloatArray, StreamResampler
 from streamsrv.config import Settings
+from streamsrv.language import LanguageDecider
 from streamsrv.ringbuffer import RingBuffer
 
 log = structlog.get_logger(__name__)
@@ -85,7 +86,7 @@ class LiveTranscript:
     rate: int  # the call's sample rate
     final_beams: tuple[int, int]  # a final led by context, and one that is not
     load: Callable[[], float] = lambda: 0.0  # 0 idle .. 1 saturated, stretches partials
-    language: str | None = None  # None: the first result's
+    language: str | None = None  # fixed (context, LANGUAGE); None: decided from the speech
     finals_text: list[str] = field(default_factory=list)
     segments_published: int = 0
     vad: VadState = field(default_factory=VadState)
@@ -109,6 +110,15 @@ class LiveTranscript:
         self.last_partial_end = 0
         self.open_number: int | None = None
         self.open_text = ""
+        self.decider: LanguageDecider | None = None
+        if self.language is None:
+            self.decider = LanguageDecider(
+                int(st.language_detect_seconds * MODEL_RATE), st.language_detect_probability
+            )
+
+    def fix_language(self, language: str) -> None:
+        """The call's context says which language it is in: no more detection."""
+        self.language, self.decider = language, None
 
     # -- audio and VAD -------------------------------------------------------------------------
 
@@ -162,6 +172,7 @@ class LiveTranscript:
             prefix=prefix,
             context=segment.start - start,
             beam_size=self.final_beams[0 if context else 1],
+            detect=self.decider is not None and self.decider.decided,  # evidence of a change
         )
         ask = Ask(request, start, segment.end, segment, self.open_number, self.open_text)
         self.finals.append(ask)
@@ -216,18 +227,18 @@ class LiveTranscript:
         if self.partial is ask:
             self.partial = None
 
-    def partial_done(self, ask: Ask, result: AsrResult | None) -> list[events.Partial]:
+    def partial_done(self, ask: Ask, result: AsrResult | None) -> list[events.Event]:
         """A partial's result (None: it failed): the partial to show, if it shows anything
         new for the oldest segment without a final."""
         self.partial_shed(ask)
         if result is None:
             return []
-        self._learn_language(result)
+        out = self._learn_language(ask, result)
         if not result.text:
-            return []
+            return out
         if self.segmenter.open_start == ask.start and not self.finals:
             if result.text == self.open_text:
-                return []
+                return out
             if self.open_number is None:
                 self.open_number = self._next_segment()
             number, self.open_text = self.open_number, result.text
@@ -236,13 +247,14 @@ class LiveTranscript:
             # still shows its words. Only the oldest pending segment, so numbers stay in order.
             head = self.finals[0]
             if result.text == head.shown:
-                return []
+                return out
             if head.number is None:
                 head.number = self._next_segment()
             number, head.shown = head.number, result.text
         else:
-            return []
+            return out
         return [
+            *out,
             events.Partial(
                 call_id=self.call_id,
                 segment=number,
@@ -250,30 +262,27 @@ class LiveTranscript:
                 start=round(ask.start / MODEL_RATE, 3),
                 end=round(ask.end / MODEL_RATE, 3),
                 audio_end=round(self.ring.end / MODEL_RATE, 3),
-            )
+            ),
         ]
 
-    def final_done(self, ask: Ask, result: AsrResult | None) -> list[events.Final]:
+    def final_done(self, ask: Ask, result: AsrResult | None) -> list[events.Event]:
         """A final's result (None: it failed): the finals now due, strictly in segment
         order. Handing the same ask in twice changes nothing."""
         if not ask.landed:
             ask.landed, ask.result = True, result
-        out: list[events.Final] = []
+        out: list[events.Event] = []
         while self.finals and self.finals[0].landed:
-            final = self._publish(self.finals.popleft())
-            if final is not None:
-                out.append(final)
+            out += self._publish(self.finals.popleft())
         return out
 
     @property
     def finals_pending(self) -> int:
         return len(self.finals)
 
-    def _publish(self, ask: Ask) -> events.Final | None:
+    def _publish(self, ask: Ask) -> list[events.Event]:
         segment, result = ask.segment, ask.result
         assert segment is not None
-        if result is not None:
-            self._learn_language(result)
+        out = self._learn_language(ask, result) if result is not None else []
         text = result.text if result is not None else ""
         if text:
             self.recent_finals.append((segment, text))
@@ -282,12 +291,12 @@ class LiveTranscript:
         number = ask.number
         if number is None:
             if not text:
-                return None
+                return out
             number = self._next_segment()
         if text:
             self.finals_text.append(text)
         seconds = segment.start / MODEL_RATE
-        return events.Final(
+        final = events.Final(
             call_id=self.call_id,
             segment=number,
             text=text,
@@ -305,11 +314,38 @@ class LiveTranscript:
             avg_logprob=None if result is None else round(result.avg_logprob, 4),
             no_speech_prob=None if result is None else round(result.no_speech_prob, 4),
         )
+        return [*out, final]
 
-    def _learn_language(self, result: AsrResult) -> None:
-        if self.language is None and result.language:
-            self.language = result.language
-            log.info("language_detected", call_id=self.call_id, language=result.language)
+    def _learn_language(self, ask: Ask, result: AsrResult) -> list[events.Event]:
+        """What a result tells of the call's language (streamsrv.language): a decision, if it
+        brings one. A model that detects nothing (English-only) names its language at once."""
+        if self.decider is None:
+            return []
+        if result.detected is None:
+            if self.language is None and result.language:
+                self.language = result.language
+            return []
+        samples = len(ask.request.audio) - ask.request.context
+        decision = self.decider.heard(result.detected, samples, ask.final)
+        if decision is None:
+            return []
+        self.language = decision.language
+        log.info(
+            "language_detected",
+            call_id=self.call_id,
+            language=decision.language,
+            probability=decision.probability,
+            previous=decision.previous,
+        )
+        return [
+            events.LanguageDetected(
+                call_id=self.call_id,
+                language=decision.language,
+                probability=decision.probability,
+                at=round(ask.end / MODEL_RATE, 3),
+                previous=decision.previous,
+            )
+        ]
 
     def _next_segment(self) -> int:
         number = self.segments_published

@@ -33,6 +33,8 @@ DOCUMENTED = [
     {"type": "call_context", "call_id": CALL, "seq": 5, "emitted_at": 1764720004.5,
      "context": {"language": "en", "role": "caller", "conversation": "1764.7",
                  "tags": {"line": "7"}}},
+    {"type": "language_detected", "call_id": CALL, "seq": 4, "emitted_at": 1764720003.5,
+     "language": "sw", "probability": 0.91, "at": 3.4, "previous": None},
     {"type": "dtmf", "call_id": CALL, "seq": 5, "emitted_at": 1764720005.0, "digit": "#",
      "at": 4.2},
     {"type": "call_ended", "call_id": CALL, "seq": 6, "emitted_at": 1764720006.0,
@@ -64,11 +66,13 @@ def test_every_type_is_covered_and_routed_as_documented() -> None:
     assert lifecycle == {
         "call_started",
         "call_context",
+        "language_detected",
         "call_ended",
         "postcall_done",
         "postcall_failed",
     }
-    assert {"call_started", "call_context", "final", "dtmf", "call_ended"} == events.STREAMED_TYPES
+    streamed = {"call_started", "call_context", "language_detected", "final", "dtmf", "call_ended"}
+    assert streamed == events.STREAMED_TYPES
 
 
 def test_a_calls_event_needs_its_seq_and_a_message_its_fields() -> None:

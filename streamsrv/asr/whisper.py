@@ -53,6 +53,7 @@ class AsrRequest:
     prefix: str = ""  # the final text of `context`
     context: int = 0  # samples at the start of `audio` already transcribed as `prefix`
     beam_size: int = 1
+    detect: bool = False  # detect the language even though `language` is given (evidence)
 
     @property
     def batch_key(self) -> tuple[bool, int, str | None]:
@@ -68,6 +69,7 @@ class AsrResult:
     no_speech_prob: float
     compression_ratio: float
     words: list[Word] = field(default_factory=list)
+    detected: tuple[str, float] | None = None  # (language, probability) when detection ran
 
 
 def _context_failed(text: str, prefix: str) -> bool:
@@ -150,16 +152,24 @@ class WhisperRunner:
         lengths = [min(len(req.audio), samples) // extractor.hop_length for req in batch]
         return out, lengths
 
-    def _languages(self, batch: list[AsrRequest], encoded: Any) -> list[str]:
+    def _languages(
+        self, batch: list[AsrRequest], encoded: Any
+    ) -> tuple[list[str], list[tuple[str, float] | None]]:
+        """The language each window is decoded in (its own, else the detected one), and the
+        detection (language, probability) of the windows that asked for it or had none."""
+        detections: list[tuple[str, float] | None] = [None] * len(batch)
         if not self.multilingual:
-            return ["en"] * len(batch)
-        languages = [req.language for req in batch]
-        if any(lang is None for lang in languages):
-            detected = self.model.model.detect_language(encoded)
-            for i, ranked in enumerate(detected):
-                if languages[i] is None:
-                    languages[i] = ranked[0][0][2:-2]
-        return [lang or "en" for lang in languages]
+            return ["en"] * len(batch), detections
+        if any(req.language is None or req.detect for req in batch):
+            for i, ranked in enumerate(self.model.model.detect_language(encoded)):
+                if batch[i].language is None or batch[i].detect:
+                    token, probability = ranked[0]
+                    detections[i] = (token[2:-2], round(float(probability), 3))
+        languages = [
+            req.language or (found[0] if found else "en")
+            for req, found in zip(batch, detections, strict=True)
+        ]
+        return languages, detections
 
     def _prompts(
         self, tokenizers: list[Any], batch: list[AsrRequest], prefixes: list[list[int]]
@@ -193,7 +203,7 @@ class WhisperRunner:
         encoded = self.model.model.encode(
             ctranslate2.StorageView.from_array(features), to_cpu=False
         )
-        languages = self._languages(batch, encoded)
+        languages, detections = self._languages(batch, encoded)
         tokenizers = [self.tokenizer(lang) for lang in languages]
         prefixes = [
             tok.encode(" " + req.prefix.strip()) if req.context and req.prefix.strip() else []
@@ -215,10 +225,13 @@ class WhisperRunner:
         )
         out: list[AsrResult] = []
         token_lists: list[list[int]] = []
-        for tok, lang, result, prefix in zip(tokenizers, languages, results, prefixes, strict=True):
+        for tok, lang, result, prefix, found in zip(
+            tokenizers, languages, results, prefixes, detections, strict=True
+        ):
             # CTranslate2 returns the prefix with what it wrote after it
             tokens = [t for t in result.sequences_ids[0][len(prefix) :] if t < tok.eot]
             kept, guarded = self._result(tok, lang, result, tokens)
+            kept.detected = found
             out.append(kept)
             token_lists.append([] if guarded else tokens)
         if final:

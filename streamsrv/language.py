@@ -1,0 +1,73 @@
+"""A call's language with LANGUAGE=auto and none in its context: decided once, from its first
+seconds of speech, and kept.
+
+Whisper detects a language from each window it hears. On a short window that guess is poor
+(a second of English was seen labelled Indonesian), and redone per sentence it can flip from
+one sentence to the next. So only windows with at least LANGUAGE_DETECT_SECONDS of audio count;
+the first of them detected with LANGUAGE_DETECT_PROBABILITY or more decides; if three such
+windows come and none is that sure, the language with the highest summed probability over them
+wins. After that every request goes in that language. Finals keep asking for a detection, as
+evidence: two finals in a row that hear another language with SWITCH_PROBABILITY or more
+change it (a call handed from one language to another). Pure logic.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+SWITCH_PROBABILITY = 0.9
+UNSURE_WINDOWS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    language: str
+    probability: float
+    previous: str | None
+
+
+@dataclass
+class LanguageDecider:
+    min_samples: int  # LANGUAGE_DETECT_SECONDS of 16 kHz audio
+    min_probability: float
+    language: str | None = None
+    _seen: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _windows: int = 0
+    _against: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def decided(self) -> bool:
+        return self.language is not None
+
+    def heard(
+        self, detected: tuple[str, float] | None, samples: int, final: bool
+    ) -> Decision | None:
+        """A window's detection (None: none ran) over `samples` of audio; the decision it
+        brings, if it brings one."""
+        if detected is None or samples < self.min_samples:
+            return None
+        language, probability = detected
+        if self.language is None:
+            self._windows += 1
+            self._seen[language] += probability
+            if probability >= self.min_probability:
+                return self._decide(language, probability)
+            if self._windows >= UNSURE_WINDOWS:
+                best = max(self._seen, key=self._seen.__getitem__)
+                return self._decide(best, round(self._seen[best] / self._windows, 3))
+            return None
+        if not final:
+            return None
+        if language == self.language or probability < SWITCH_PROBABILITY:
+            self._against.clear()
+            return None
+        self._against = [*self._against[-1:], (language, probability)]
+        if len(self._against) >= 2 and self._against[-2][0] == language:
+            return self._decide(language, probability)
+        return None
+
+    def _decide(self, language: str, probability: float) -> Decision:
+        previous, self.language = self.language, language
+        self._against.clear()
+        return Decision(language, probability, previous)
