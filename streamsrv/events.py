@@ -161,12 +161,14 @@ class PostcallDone(Event):
     TYPE = "postcall_done"
     LIFECYCLE = True
     PER_CALL = False
-    NULLABLE = frozenset({"language"})
+    NULLABLE = frozenset({"language", "role", "conversation"})
 
     job_id: int
     language: str | None
     model: str
     cached: bool
+    role: str | None = None  # from the call's context
+    conversation: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,7 +52,9 @@ set status = 'running', attempts = j.attempts + 1, worker = $2, updated_at = now
 from next_jobs
 where j.id = next_jobs.id
 returning j.id, j.call_id, j.audio_path, j.priority, j.attempts, j.language, j.error,
-    j.created_at, (select dtmf from calls c where c.call_id = j.call_id) as dtmf
+    j.created_at, (select dtmf from calls c where c.call_id = j.call_id) as dtmf,
+    (select role from calls c where c.call_id = j.call_id) as role,
+    (select conversation from calls c where c.call_id = j.call_id) as conversation
 """
 
 _HELD = "id = $1 and worker = $2 and attempts = $3 and status = 'running'"
@@ -68,6 +70,8 @@ class Job:
     language: str | None
     dtmf: str
     previous_error: str | None
+    role: str | None = None  # from the call's context
+    conversation: str | None = None
 
 
 class CallRepository:
@@ -240,6 +244,8 @@ class JobRepository:
                 attempts=r["attempts"],
                 language=r["language"],
                 dtmf=r["dtmf"] or "",
+                role=r["role"],
+                conversation=r["conversation"],
                 previous_error=r["error"],
             )
             for r in rows

@@ -71,17 +71,22 @@ async def insert_job(
     created_at: datetime | None = None,
     dtmf: str = "",
     sample_rate: int = 8000,
+    role: str | None = None,
+    conversation: str | None = None,
 ) -> tuple[str, int]:
     """An ended call and its queued job, as the server writes them; (call_id, job_id)."""
     call_id = str(uuid.uuid4())
     when = created_at or datetime.now(UTC)
     await conn.execute(
         "insert into calls (call_id, created_at, ended_at, peer, sample_rate, dtmf, status,"
-        " processing_mode) values ($1, $2, $2, 'test', $3, $4, 'ended', 'hybrid')",
+        " processing_mode, role, conversation)"
+        " values ($1, $2, $2, 'test', $3, $4, 'ended', 'hybrid', $5, $6)",
         call_id,
         when,
         sample_rate,
         dtmf,
+        role,
+        conversation,
     )
     job_id = await conn.fetchval(
         "insert into postcall_jobs (call_id, audio_path, priority, created_at)"

@@ -46,7 +46,8 @@ DOCUMENTED = [
      "reason": "interrupted", "segments": None, "job_id": None,
      "processing_mode": "postcall_only"},
     {"type": "postcall_done", "call_id": CALL, "emitted_at": 1764720100.0, "job_id": 7,
-     "language": "en", "model": "base", "cached": False},
+     "language": "en", "model": "base", "cached": False, "role": "caller",
+     "conversation": "1764.7"},
     {"type": "postcall_failed", "call_id": CALL, "emitted_at": 1764720100.0, "job_id": 7,
      "attempts": 3, "error": "decode failed"},
 ]  # fmt: skip

@@ -203,7 +203,9 @@ async def test_a_real_job_end_to_end_then_the_cache(
     recording = tmp_path / "recordings" / "call.wav"
     recording.parent.mkdir(parents=True)
     recording.write_bytes(wav_bytes(call.pcm, corpus.RATE))
-    call_id, job_id = await insert_job(conn, str(recording), dtmf="12#")
+    call_id, job_id = await insert_job(
+        conn, str(recording), dtmf="12#", role="caller", conversation="1764720000.42"
+    )
     # A short lease: the job takes longer, so only renewals keep it from the second worker.
     settings = make_settings(
         settings_env, DATABASE_URL=fresh_db, JOB_LEASE_SECONDS="2", WORKER_POLL_INTERVAL="0.2"
@@ -273,6 +275,7 @@ async def test_a_real_job_end_to_end_then_the_cache(
     (done,) = [m for m in messages if m["type"] == "postcall_done"]
     assert (done["call_id"], done["job_id"], done["language"]) == (call_id, job_id, "en")
     assert done["model"] == "base (cpu, int8)" and done["cached"] is False
+    assert (done["role"], done["conversation"]) == ("caller", "1764720000.42")  # its context
     assert abs(done["emitted_at"] - datetime.now(UTC).timestamp()) < 60
 
     # The same recording again, for another call: answered from the cache, not the model.

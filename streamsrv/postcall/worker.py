@@ -254,6 +254,8 @@ class Worker:
                 language=outcome.language,
                 model=outcome.model,
                 cached=t["cached"],
+                role=job.role,
+                conversation=job.conversation,
             )
         )
 
