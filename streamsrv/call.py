@@ -35,6 +35,7 @@ from streamsrv.audio import (
 from streamsrv.call_records import CallOpened, CallRecords
 from streamsrv.config import Settings
 from streamsrv.context import CallContext
+from streamsrv.conversation import ConversationHub
 from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
@@ -61,6 +62,7 @@ class CallServices:
     journal: Journal
     load: Callable[[], float] = lambda: 0.0  # 0 idle .. 1 saturated, stretches partials
     final_beams: tuple[int, int] = (1, 5)  # beam of a final led by context, and of one not
+    conversations: ConversationHub | None = None  # merges the legs of each conversation
 
 
 def pcm_of(kind: int, payload: bytes, format_0x10: str) -> tuple[int, bytes, bool]:
@@ -94,6 +96,7 @@ class Call:
         self.dtmf = ""
         self.ended = False
         self.context = context  # posted before the call connected, or None
+        self._conversation: str | None = None  # the one this call is a leg of
         self.transcript: LiveTranscript | None = None
         self._seq = 0
         self._assembler = PcmAssembler()
@@ -131,6 +134,7 @@ class Call:
         if self.started:
             self._records.context(self.call_id, self.context, context.fixed_language)
             self._emit(events.CallContext(call_id=self.call_id, context=self.context.as_json()))
+            self._join_conversation()
 
     @property
     def audio_seconds(self) -> float:
@@ -222,6 +226,30 @@ class Call:
             )
         )
         self.log.info("call_started", peer=self.peer, sample_rate=rate, mode=self.mode)
+        self._join_conversation()
+
+    # -- conversation --------------------------------------------------------------------------
+
+    def _join_conversation(self) -> None:
+        """Take part in the conversation the context names (leaving one it named before)."""
+        hub = self.s.conversations
+        wanted = self.context.conversation if self.context is not None else None
+        if hub is None or wanted == self._conversation:
+            return
+        if self._conversation is not None:
+            hub.leave(self._conversation, self.call_id)
+        self._conversation = wanted
+        if wanted:
+            settled = self.transcript.settled_seconds if self.transcript else self.audio_seconds
+            hub.join(wanted, self.call_id, self.created_at.timestamp(), settled)
+            if self.transcript is None:  # no finals will come: it holds nobody back
+                hub.leave(wanted, self.call_id)
+
+    def _settled(self) -> None:
+        if self._conversation is not None and self.transcript is not None:
+            assert self.s.conversations is not None
+            seconds = self.transcript.settled_seconds
+            self.s.conversations.settled(self._conversation, self.call_id, seconds)
 
     # -- live transcription --------------------------------------------------------------------
 
@@ -238,6 +266,7 @@ class Call:
         if self.transcript is not None:
             for ask in self.transcript.on_vad(probs):
                 self._submit(ask)
+            self._settled()
 
     def _submit(self, ask: Ask) -> None:
         executor = self.s.executor
@@ -276,10 +305,16 @@ class Call:
             self.log.error("final_failed", error=repr(future.exception()))
         context = self.context or CallContext()
         for event in self.transcript.final_done(ask, _result(future)):
-            if isinstance(event, events.Final):
-                self.s.metrics.finals.inc()
-                event = replace(event, role=context.role, conversation=context.conversation)
-            self._emit(event)
+            if not isinstance(event, events.Final):
+                self._emit(event)
+                continue
+            self.s.metrics.finals.inc()
+            final = replace(event, role=context.role, conversation=context.conversation)
+            message = self._emit(final)
+            if self._conversation is not None:
+                assert self.s.conversations is not None
+                self.s.conversations.final(self._conversation, self.call_id, message)
+        self._settled()
 
     # -- end of call ---------------------------------------------------------------------------
 
@@ -293,6 +328,8 @@ class Call:
             self._start(self._default_rate())
         if self.transcript is not None:
             await self._last_finals(self.transcript, vad)
+        if self._conversation is not None and self.s.conversations is not None:
+            self.s.conversations.leave(self._conversation, self.call_id)
         assert self._recording is not None
         path = await self._recording.finish()
         if self._recording.error:
@@ -364,9 +401,11 @@ class Call:
             status="interrupted" if reason in ("shutdown", "interrupted") else "ended",
         )
 
-    def _emit(self, event: events.Event) -> None:
+    def _emit(self, event: events.Event) -> dict[str, Any]:
         self._seq += 1
-        self.s.publisher.emit(event, self._seq)
+        message = events.encode(event, self._seq)
+        self.s.publisher.publish(self.call_id, message, lifecycle=event.LIFECYCLE)
+        return message
 
 
 def _result(future: asyncio.Future[AsrResult]) -> AsrResult | None:

@@ -40,6 +40,13 @@ class Channels:
     def stream(self, call_id: str) -> str:
         return f"{self.prefix}stream:{call_id}"
 
+    def conversation(self, conversation: str) -> str:
+        """A conversation's finals, all legs, in time order."""
+        return f"{self.prefix}conversation:{conversation}"
+
+    def conversation_stream(self, conversation: str) -> str:
+        return f"{self.prefix}stream:conversation:{conversation}"
+
 
 @dataclass(frozen=True, slots=True)
 class WordTime:

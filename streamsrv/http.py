@@ -52,6 +52,7 @@ class HttpApi:
         self.app.router.add_post("/audio/process", self.process_audio)
         self.app.router.add_get("/calls/{call_id}", self.get_call)
         self.app.router.add_post("/calls/{call_id}/context", self.post_context)
+        self.app.router.add_get("/conversations/{conversation}", self.get_conversation)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -89,6 +90,18 @@ class HttpApi:
     async def post_context(self, request: web.Request) -> web.Response:
         """Who the call is (streamsrv.http_context): held until it connects, or applied."""
         return await post_context(request, self._contexts)
+
+    async def get_conversation(self, request: web.Request) -> web.Response:
+        """Both legs (their rows) and the merged transcript of a conversation."""
+        conversation = request.match_info["conversation"]
+        try:
+            view = await self._contexts.conversation_view(conversation)
+        except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
+            log.warning("conversation_view_failed", conversation=conversation, error=repr(exc))
+            return uploads.error_response(503, "database unavailable")
+        if view is None:
+            return uploads.error_response(404, "no such conversation")
+        return web.json_response(view)
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""

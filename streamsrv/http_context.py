@@ -41,6 +41,9 @@ class ContextSink(Protocol):
     def post_context(self, call_id: str, context: CallContext) -> tuple[str, CallContext]:
         """(`applied`, `held` or `ended`; the call's context as it now stands)."""
 
+    async def conversation_view(self, conversation: str) -> dict[str, Any] | None:
+        """Its legs and merged transcript; None for an unknown conversation."""
+
 
 def whisper_languages() -> frozenset[str]:
     from faster_whisper.tokenizer import _LANGUAGE_CODES  # the codes Whisper knows

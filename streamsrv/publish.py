@@ -41,6 +41,7 @@ class _Entry:
     payload: str
     lifecycle: bool
     queued: bool = True  # False once dropped or taken out for sending
+    conversation: str | None = None  # a conversation's copy: its channel and stream only
 
 
 class _Backlog:
@@ -237,11 +238,37 @@ class Publisher:
         """Publish one event (see streamsrv.events for where it goes); never blocks."""
         self.publish(event.call_id, events.encode(event, seq), lifecycle=event.LIFECYCLE)
 
+    async def conversation_so_far(self, conversation: str) -> list[dict[str, Any]]:
+        """A conversation's finals kept in its stream, in time order ([] if Redis is away)."""
+        if self._client is None:
+            return []
+        try:
+            entries = await self._client.xrange(self._channels.conversation_stream(conversation))
+        except (RedisError, OSError) as exc:
+            log.warning("conversation_unreadable", conversation=conversation, error=repr(exc))
+            return []
+        return [json.loads(f[b"data"]) for _, f in entries or [] if f and b"data" in f]
+
+    def publish_conversation(self, conversation: str, message: dict[str, Any]) -> None:
+        """A final, again, on its conversation's channel and stream (streamsrv.conversation)."""
+        self._enqueue(message, False, conversation)
+
     def publish(self, call_id: str, message: dict[str, Any], *, lifecycle: bool = False) -> None:
         """Encode and enqueue; never blocks, never raises."""
+        self._enqueue(message, lifecycle, None, call_id)
+
+    def _enqueue(
+        self,
+        message: dict[str, Any],
+        lifecycle: bool,
+        conversation: str | None,
+        call_id: str | None = None,
+    ) -> None:
+        call_id = call_id if call_id is not None else str(message.get("call_id", ""))
         try:
             payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-            entry = _Entry(call_id, str(message.get("type", "")), payload, lifecycle)
+            kind = str(message.get("type", ""))
+            entry = _Entry(call_id, kind, payload, lifecycle, conversation=conversation)
             lost = self._backlog.push(entry, coalesce=not self._up)
             if lost is not None:
                 self._log_loss([lost])
@@ -317,6 +344,12 @@ class Publisher:
         pipe = self._client.pipeline(transaction=True)
         streams: dict[str, None] = {}
         for entry in batch:
+            if entry.conversation is not None:
+                key = self._channels.conversation_stream(entry.conversation)
+                pipe.publish(self._channels.conversation(entry.conversation), entry.payload)
+                pipe.xadd(key, {"data": entry.payload}, maxlen=self._stream_maxlen)
+                streams[key] = None
+                continue
             pipe.publish(self._channels.call(entry.call_id), entry.payload)
             if entry.lifecycle:
                 pipe.publish(self._channels.lifecycle, entry.payload)

@@ -99,6 +99,15 @@ class CallRepository:
             processing_mode,
         )
 
+    async def conversation(self, conversation: str) -> list[dict[str, Any]]:
+        """The calls that are legs of a conversation, oldest first, as JSON values."""
+        rows = await self._db.pool.fetch(
+            "select to_jsonb(c) - 'live_transcript' as call, c.live_transcript"
+            " from calls c where conversation = $1 order by created_at, call_id",
+            conversation,
+        )
+        return [{**json.loads(r["call"]), "live_transcript": r["live_transcript"]} for r in rows]
+
     async def set_context(
         self, call_id: str, context: dict[str, Any], language: str | None
     ) -> None:

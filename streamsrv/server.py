@@ -19,6 +19,8 @@ import contextlib
 import signal
 import socket
 import time
+from datetime import datetime
+from typing import Any
 
 import structlog
 
@@ -32,6 +34,7 @@ from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
 from streamsrv.connection import Connection
 from streamsrv.context import CallContext, PendingContexts
+from streamsrv.conversation import ConversationHub
 from streamsrv.http import Health, HttpApi
 from streamsrv.jobs import JobStore
 from streamsrv.journal import Journal
@@ -105,6 +108,7 @@ class Server:
             self.journal,
             self.load,
             (s.final_beam(device), s.contextless_final_beam(device)),
+            ConversationHub(self.publisher.publish_conversation),
         )
         loop = asyncio.get_running_loop()
         self._tcp = await loop.create_server(
@@ -207,6 +211,31 @@ class Server:
         self.metrics.calls_total.inc()
         self.metrics.calls_active.inc()
         return call
+
+    async def conversation_view(self, conversation: str) -> dict[str, Any] | None:
+        """Its legs (their rows) and its merged transcript (the finals of every leg in time
+        order, while its stream is kept: REDIS_STREAM_TTL); None for an unknown one."""
+        legs = await self.store.jobs.calls.conversation(conversation)
+        finals = await self.publisher.conversation_so_far(conversation)
+        if not legs and not finals:
+            return None
+        started = {
+            str(leg["call_id"]): datetime.fromisoformat(leg["created_at"]).timestamp()
+            for leg in legs
+        }
+        merged = [
+            {
+                "call_id": m["call_id"],
+                "role": m.get("role"),
+                "at": round(started.get(m["call_id"], 0.0) + m["start"], 3),
+                "start": m["start"],
+                "end": m["end"],
+                "segment": m["segment"],
+                "text": m["text"],
+            }
+            for m in finals
+        ]
+        return {"conversation": conversation, "legs": legs, "transcript": merged}
 
     def post_context(self, call_id: str, context: CallContext) -> tuple[str, CallContext]:
         """Context from the PBX: `applied` to the running call, `held` until it connects

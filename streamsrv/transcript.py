@@ -279,6 +279,16 @@ class LiveTranscript:
     def finals_pending(self) -> int:
         return len(self.finals)
 
+    @property
+    def settled_seconds(self) -> float:
+        """Audio up to which every final is out: no later final can start before it."""
+        bounds = [self.segmenter.position]
+        if self.finals and self.finals[0].segment is not None:
+            bounds.append(self.finals[0].segment.start)
+        if self.segmenter.open_start is not None:
+            bounds.append(self.segmenter.open_start)
+        return min(bounds) / MODEL_RATE
+
     def _publish(self, ask: Ask) -> list[events.Event]:
         segment, result = ask.segment, ask.result
         assert segment is not None

@@ -1,0 +1,101 @@
+"""Two legs of one conversation merged in time order: the merger without I/O, then two real
+AudioSocket streams of different prompts under one conversation id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from streamsrv import corpus, events
+from streamsrv.conversation import ConversationMerger
+from streamsrv.simulate import play_call
+from tests.e2e import Collector, get, make_settings, running_server
+from tests.test_context import post
+
+
+def final(call_id: str, start: float, text: str) -> dict[str, Any]:
+    return {"type": "final", "call_id": call_id, "start": start, "text": text}
+
+
+def test_a_final_waits_until_the_other_leg_has_settled_past_its_start() -> None:
+    m = ConversationMerger("L1")
+    m.join("caller", started_at=100.0, settled=0.0)
+    m.join("agent", started_at=101.0, settled=0.0)
+    assert m.final("caller", final("caller", 3.0, "hello")) == []  # at 103; agent only at 101
+    assert m.settled("agent", 1.5) == []  # 102.5: the agent may still say something earlier
+    assert [x["text"] for x in m.settled("agent", 2.5)] == ["hello"]  # 103.5: it cannot
+    # the caller's next sentence (106) was finalised before the agent's (104.5)
+    assert m.final("caller", final("caller", 6.0, "are you there")) == []
+    assert m.final("agent", final("agent", 3.5, "good morning")) == []  # caller settled at 100
+    assert [x["text"] for x in m.settled("caller", 7.0)] == ["good morning"]  # 104.5 < 107
+    assert [x["text"] for x in m.leave("agent")] == ["are you there"]
+
+
+def test_an_ended_leg_holds_nobody_back_and_the_merger_knows_when_it_is_done() -> None:
+    m = ConversationMerger("L2")
+    m.join("a", 0.0, 0.0)
+    m.join("b", 0.0, 0.0)
+    assert m.final("a", final("a", 5.0, "x")) == []
+    assert [x["text"] for x in m.leave("b")] == ["x"]
+    assert not m.done
+    assert m.leave("a") == [] and m.done
+
+
+@pytest.mark.e2e
+async def test_two_legs_of_one_conversation_in_time_order(settings_env):
+    settings = make_settings(settings_env)
+    caller = corpus.build_call(corpus.pick_prompts(3, 91), pause=2.5)
+    agent = corpus.build_call(corpus.pick_prompts(3, 92), pause=2.5)
+    ids = {"caller": str(uuid.uuid4()), "agent": str(uuid.uuid4())}
+    conversation = f"linkedid-{uuid.uuid4().hex[:8]}"
+    names = events.Channels(settings.redis_channel_prefix)
+    async with running_server(settings) as server, Collector(settings) as collected:
+        for role, call_id in ids.items():
+            data = {"role": role, "conversation": conversation}
+            assert (await post(server.http_port, call_id, data=data))[0] == 200
+        await asyncio.gather(
+            play_call("127.0.0.1", server.audiosocket_port, caller.pcm, call_id=ids["caller"]),
+            play_call("127.0.0.1", server.audiosocket_port, agent.pcm, call_id=ids["agent"]),
+        )
+        await collected.wait_ended(list(ids.values()), within=60)
+        await asyncio.sleep(0.5)  # the last release and its publish
+        status, body = await get(server.http_port, f"/conversations/{conversation}")
+        assert status == 200
+        view = json.loads(body)
+        missing, _ = await get(server.http_port, "/conversations/nobody")
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            entries = await client.xrange(names.conversation_stream(conversation))
+        finally:
+            await client.aclose()
+    merged = [json.loads(fields[b"data"]) for _, fields in entries]
+    per_leg = {
+        role: [m for m in collected.by_call[call_id] if m["type"] == "final" and m["text"]]
+        for role, call_id in ids.items()
+    }
+    # every final of both legs, once, with its role
+    assert sorted(m["seq"] for m in merged if m["role"] == "caller") == sorted(
+        m["seq"] for m in per_leg["caller"]
+    )
+    assert len(merged) == len(per_leg["caller"]) + len(per_leg["agent"])
+    assert {m["conversation"] for m in merged} == {conversation}
+    # in the order they were spoken across the legs
+    started = {
+        m["call_id"]: m["started_at"]
+        for call_id in ids.values()
+        for m in collected.by_call[call_id]
+        if m["type"] == "call_started"
+    }
+    times = [started[m["call_id"]] + m["start"] for m in merged]
+    assert times == sorted(times)
+    assert {m["role"] for m in merged} == {"caller", "agent"}
+    # GET /conversations/<id>: both legs, and the same merged transcript
+    assert sorted(leg["role"] for leg in view["legs"]) == ["agent", "caller"]
+    assert [t["text"] for t in view["transcript"]] == [m["text"] for m in merged]
+    assert [t["role"] for t in view["transcript"]] == [m["role"] for m in merged]
+    assert missing == 404
