@@ -117,3 +117,50 @@ class ConversationHub:
             self._publish(conversation, message)
         if merger.done:
             del self._open[conversation]
+
+
+@dataclass(frozen=True)
+class LegResult:
+    """One leg's post-call result, for the conversation's transcript."""
+
+    call_id: str
+    role: str | None
+    started_at: float  # wall time of the leg's first audio
+    segments: list[dict[str, Any]]  # postcall_results.segments: start, end, text, words
+
+
+def merge_legs(legs: list[LegResult]) -> tuple[str, list[dict[str, Any]]]:
+    """One speaker-labelled transcript of a conversation: every leg's words placed at their
+    wall time and read in that order, each run of one leg's words a turn. A segment without
+    word times counts as one word at its start. Returns ("role: text" lines, the turns)."""
+    words: list[tuple[float, float, str, str | None, str]] = []
+    for leg in legs:
+        for segment in leg.segments:
+            timed = segment.get("words") or [
+                {"word": segment["text"], "start": segment["start"], "end": segment["end"]}
+            ]
+            for w in timed:
+                text = str(w["word"]).strip()
+                if text:
+                    at = leg.started_at + float(w["start"])
+                    words.append(
+                        (at, leg.started_at + float(w["end"]), leg.call_id, leg.role, text)
+                    )
+    words.sort(key=lambda w: (w[0], w[2]))
+    turns: list[dict[str, Any]] = []
+    for start, end, call_id, role, text in words:
+        if turns and turns[-1]["call_id"] == call_id:
+            turns[-1]["end"] = max(turns[-1]["end"], round(end, 3))
+            turns[-1]["text"] += " " + text
+        else:
+            turns.append(
+                {
+                    "call_id": call_id,
+                    "role": role,
+                    "start": round(start, 3),
+                    "end": round(end, 3),
+                    "text": text,
+                }
+            )
+    lines = [f"{t['role'] or t['call_id']}: {t['text']}" for t in turns]
+    return "\n".join(lines), turns

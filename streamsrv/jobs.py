@@ -97,6 +97,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             where conversation is not null;
         """,
     ),
+    (
+        # The post-call pass's transcript of a whole conversation, its legs merged by word
+        # times, written once every leg's job is done.
+        4,
+        """
+        create table conversation_results (
+            conversation text primary key,
+            transcript text not null,
+            turns jsonb not null,
+            legs int not null,
+            created_at timestamptz not null default now()
+        );
+        """,
+    ),
 )
 
 

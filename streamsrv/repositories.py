@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from streamsrv.config import Settings
+from streamsrv.conversation import LegResult
 
 if TYPE_CHECKING:
     from streamsrv.postcall.transcribe import Outcome
@@ -107,6 +108,46 @@ class CallRepository:
             conversation,
         )
         return [{**json.loads(r["call"]), "live_transcript": r["live_transcript"]} for r in rows]
+
+    async def conversation_results(self, conversation: str) -> list[LegResult] | None:
+        """Every leg's post-call result, once each leg's job is done; None before that."""
+        rows = await self._db.pool.fetch(
+            "select c.call_id, c.role, c.created_at, j.status, r.segments"
+            " from calls c left join postcall_jobs j using (call_id)"
+            " left join postcall_results r using (call_id)"
+            " where c.conversation = $1 order by c.created_at, c.call_id",
+            conversation,
+        )
+        if not rows or any(r["status"] != "done" or r["segments"] is None for r in rows):
+            return None
+        return [
+            LegResult(
+                str(r["call_id"]), r["role"], r["created_at"].timestamp(), json.loads(r["segments"])
+            )
+            for r in rows
+        ]
+
+    async def store_conversation(
+        self, conversation: str, transcript: str, turns: list[dict[str, Any]], legs: int
+    ) -> None:
+        await self._db.pool.execute(
+            "insert into conversation_results (conversation, transcript, turns, legs)"
+            " values ($1, $2, $3::jsonb, $4) on conflict (conversation) do update set"
+            " transcript = excluded.transcript, turns = excluded.turns, legs = excluded.legs,"
+            " created_at = now()",
+            conversation,
+            transcript,
+            json.dumps(turns),
+            legs,
+        )
+
+    async def conversation_result(self, conversation: str) -> dict[str, Any] | None:
+        row = await self._db.pool.fetchrow(
+            "select to_jsonb(r) - 'conversation' as result from conversation_results r"
+            " where conversation = $1",
+            conversation,
+        )
+        return json.loads(row["result"]) if row is not None else None
 
     async def set_context(
         self, call_id: str, context: dict[str, Any], language: str | None

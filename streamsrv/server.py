@@ -235,7 +235,13 @@ class Server:
             }
             for m in finals
         ]
-        return {"conversation": conversation, "legs": legs, "transcript": merged}
+        postcall = await self.store.jobs.calls.conversation_result(conversation)
+        return {
+            "conversation": conversation,
+            "legs": legs,
+            "transcript": merged,
+            "postcall": postcall,
+        }
 
     def post_context(self, call_id: str, context: CallContext) -> tuple[str, CallContext]:
         """Context from the PBX: `applied` to the running call, `held` until it connects

@@ -8,14 +8,18 @@ import json
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from streamsrv import corpus, events
-from streamsrv.conversation import ConversationMerger
+from streamsrv.conversation import ConversationMerger, LegResult, merge_legs
 from streamsrv.simulate import play_call
 from tests.e2e import Collector, get, make_settings, running_server
+from tests.postcall_helpers import drain, fresh_db, insert_job, shared_model, wav_bytes
 from tests.test_context import post
+
+__all__ = ["fresh_db"]  # a fixture, used by name
 
 
 def final(call_id: str, start: float, text: str) -> dict[str, Any]:
@@ -99,3 +103,66 @@ async def test_two_legs_of_one_conversation_in_time_order(settings_env):
     assert [t["text"] for t in view["transcript"]] == [m["text"] for m in merged]
     assert [t["role"] for t in view["transcript"]] == [m["role"] for m in merged]
     assert missing == 404
+
+
+def test_legs_merge_into_turns_by_word_times() -> None:
+    def seg(start: float, end: float, *words: tuple[str, float, float]) -> dict[str, Any]:
+        text = " ".join(w for w, _, _ in words)
+        timed = [{"word": w, "start": s, "end": e} for w, s, e in words]
+        return {"start": start, "end": end, "text": text, "words": timed}
+
+    caller = LegResult(
+        "c",
+        "caller",
+        100.0,
+        [seg(1.0, 3.0, ("Hello,", 1.0, 1.5), ("is", 2.6, 2.8), ("anyone", 2.8, 3.0))],
+    )
+    agent = LegResult(
+        "a", "agent", 101.0, [seg(0.8, 1.4, ("Yes,", 0.8, 1.1), ("hello.", 1.1, 1.4))]
+    )
+    no_words = LegResult("s", None, 105.0, [{"start": 0.5, "end": 1.0, "text": "Hm."}])
+    transcript, turns = merge_legs([caller, agent, no_words])
+    assert transcript == "caller: Hello,\nagent: Yes, hello.\ncaller: is anyone\ns: Hm."
+    assert [t["start"] for t in turns] == sorted(t["start"] for t in turns)
+    assert turns[1] == {
+        "call_id": "a",
+        "role": "agent",
+        "start": 101.8,
+        "end": 102.4,
+        "text": "Yes, hello.",
+    }
+
+
+@pytest.mark.e2e
+async def test_the_post_call_pass_writes_the_conversation_once_every_leg_is_done(
+    settings_env, fresh_db, model_dir, tmp_path
+):
+
+
+    legs = {}
+    for role, seed in (("caller", 93), ("agent", 94)):
+        call = corpus.build_call(corpus.pick_prompts(2, seed), pause=1.0)
+        path = tmp_path / f"{role}.wav"
+        path.write_bytes(wav_bytes(call.pcm, corpus.RATE))
+        legs[role] = path
+    settings = make_settings(settings_env, DATABASE_URL=fresh_db, WORKER_POLL_INTERVAL="0.2")
+    model = shared_model(model_dir)
+    conn = await asyncpg.connect(fresh_db)
+    try:
+        await drain(settings, model)  # migrates
+        await insert_job(conn, str(legs["caller"]), role="caller", conversation="L7")
+        _, second = await insert_job(conn, str(legs["agent"]), role="agent", conversation="L7")
+        # the agent's job out of reach: the caller's leg alone is done
+        await conn.execute("update postcall_jobs set status = 'failed' where id = $1", second)
+        await drain(settings, model)
+        assert await conn.fetchval("select count(*) from conversation_results") == 0
+        await conn.execute("update postcall_jobs set status = 'queued' where id = $1", second)
+        await drain(settings, model)
+        row = await conn.fetchrow("select * from conversation_results where conversation = 'L7'")
+    finally:
+        await conn.close()
+    assert row is not None and row["legs"] == 2
+    turns = json.loads(row["turns"])
+    assert {t["role"] for t in turns} == {"caller", "agent"}
+    assert [t["start"] for t in turns] == sorted(t["start"] for t in turns)
+    assert row["transcript"].splitlines()[0].startswith(("caller: ", "agent: "))

@@ -33,6 +33,7 @@ import structlog
 
 from streamsrv import events
 from streamsrv.config import Settings
+from streamsrv.conversation import merge_legs
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.cache import ResultCache, cache_key
 from streamsrv.postcall.transcribe import Outcome, PostcallModel
@@ -258,6 +259,22 @@ class Worker:
                 conversation=job.conversation,
             )
         )
+        if job.conversation:
+            await self._conversation_pass(job.conversation, bound)
+
+    async def _conversation_pass(self, conversation: str, bound: Any) -> None:
+        """Once every leg's job is done (whichever worker finishes last), the conversation's
+        one speaker-labelled transcript. Idempotent: two last legs at once write it twice."""
+        try:
+            legs = await self.store.calls.conversation_results(conversation)
+            if legs is None:
+                return
+            transcript, turns = merge_legs(legs)
+            await self.store.calls.store_conversation(conversation, transcript, turns, len(legs))
+        except DB_ERRORS as exc:  # the leg's own result is stored; this one waits for a rerun
+            bound.error("conversation_result_not_saved", error=repr(exc))
+            return
+        bound.info("conversation_done", conversation=conversation, legs=len(legs))
 
     async def _failed_attempt(self, job: Job, error: str, bound: Any) -> None:
         try:
