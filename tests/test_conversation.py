@@ -138,7 +138,6 @@ async def test_the_post_call_pass_writes_the_conversation_once_every_leg_is_done
     settings_env, fresh_db, model_dir, tmp_path
 ):
 
-
     legs = {}
     for role, seed in (("caller", 93), ("agent", 94)):
         call = corpus.build_call(corpus.pick_prompts(2, seed), pause=1.0)
