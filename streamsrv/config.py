@@ -192,103 +192,8 @@ class Settings:
             (0 <= getattr(self, n) <= 65535, f"{env_name(n)}: {getattr(self, n)} is not a TCP port")
             for n in ("audiosocket_port", "http_port")
         ]
-        checks = [*ports, *self._live_checks(), *self._service_checks(), *self._postcall_checks()]
+        checks = [*ports, *_live_checks(self), *_service_checks(self), *_postcall_checks(self)]
         return [message for ok, message in checks if not ok]
-
-    def _live_checks(self) -> list[tuple[bool, str]]:
-        """Batching, streaming, VAD and windows of the live model."""
-        return [
-            (self.batch_size >= 1, "BATCH_SIZE: must be at least 1"),
-            (self.min_batch_size >= 1, "MIN_BATCH_SIZE: must be at least 1"),
-            (
-                self.min_batch_size <= self.max_batch_size,
-                "MIN_BATCH_SIZE: must not exceed MAX_BATCH_SIZE",
-            ),
-            (self.max_concurrent_gpu_requests >= 1, "MAX_CONCURRENT_GPU_REQUESTS: at least 1"),
-            (self.max_queue_size >= 1, "MAX_QUEUE_SIZE: must be at least 1"),
-            (self.streaming_chunk_size >= 1600, "STREAMING_CHUNK_SIZE: at least 1600 (0.1 s)"),
-            (0.01 <= self.streaming_interval <= 5, "STREAMING_INTERVAL: between 0.01 and 5 s"),
-            (self.partial_interval > 0, "PARTIAL_INTERVAL: must be positive"),
-            (self.tcp_socket_timeout > 0, "TCP_SOCKET_TIMEOUT: must be positive"),
-            (self.tcp_buffer_size >= 1024, "TCP_BUFFER_SIZE: at least 1024"),
-            (
-                self.final_beam_size is None or 1 <= self.final_beam_size <= 10,
-                "FINAL_BEAM_SIZE: between 1 and 10, or empty",
-            ),
-            (
-                1 <= self.contextless_final_beam_size <= 10,
-                "CONTEXTLESS_FINAL_BEAM_SIZE: between 1 and 10",
-            ),
-            (
-                1 <= self.final_context_segments <= 4,
-                "FINAL_CONTEXT_SEGMENTS: between 1 and 4",
-            ),
-            (0 < self.vad_threshold < 1, "VAD_THRESHOLD: between 0 and 1"),
-            (self.vad_min_silence_ms >= 100, "VAD_MIN_SILENCE_MS: at least 100"),
-            (
-                2 <= self.max_segment_seconds <= 28,
-                "MAX_SEGMENT_SECONDS: between 2 and 28 (a Whisper window is 30 s)",
-            ),
-            (
-                1 <= self.min_window_seconds <= 30,
-                "MIN_WINDOW_SECONDS: between 1 and 30",
-            ),
-            (
-                1 <= self.partial_window_seconds <= 30,
-                "PARTIAL_WINDOW_SECONDS: between 1 and 30",
-            ),
-        ]
-
-    def _service_checks(self) -> list[tuple[bool, str]]:
-        """Calls, connections, Redis, Postgres, threads, language."""
-        return [
-            (self.drain_timeout >= 0, "DRAIN_TIMEOUT: must not be negative"),
-            (self.max_calls >= 1, "MAX_CALLS: at least 1"),
-            (self.max_call_seconds > 0, "MAX_CALL_SECONDS: must be positive"),
-            (self.call_id_timeout > 0, "CALL_ID_TIMEOUT: must be positive"),
-            (self.max_pending_connections >= 1, "MAX_PENDING_CONNECTIONS: at least 1"),
-            (self.max_pending_per_peer >= 1, "MAX_PENDING_PER_PEER: at least 1"),
-            (self.redis_backlog >= 1, "REDIS_BACKLOG: at least 1"),
-            (self.redis_stream_maxlen >= 1, "REDIS_STREAM_MAXLEN: at least 1"),
-            (self.redis_stream_ttl >= 1, "REDIS_STREAM_TTL: at least 1 second"),
-            (self.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)"),
-            (self.cpu_workers >= 0, "CPU_WORKERS: must not be negative (0 = one per core)"),
-            (
-                self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-                "REDIS_URL: must start with redis://, rediss:// or unix://",
-            ),
-            (
-                self.database_url.startswith(("postgresql://", "postgres://")),
-                "DATABASE_URL: must start with postgresql://",
-            ),
-            (
-                self.language == "auto"
-                or (2 <= len(self.language) <= 3 and self.language.isalpha()),
-                f"LANGUAGE: {self.language!r} is not a Whisper language code or auto",
-            ),
-        ]
-
-    def _postcall_checks(self) -> list[tuple[bool, str]]:
-        return [
-            (self.worker_concurrency >= 1, "WORKER_CONCURRENCY: at least 1"),
-            (self.max_retries >= 0, "CELERY_MAX_RETRIES: must not be negative"),
-            (self.retry_backoff >= 0, "RETRY_BACKOFF: must not be negative"),
-            (self.job_lease_seconds >= 1, "JOB_LEASE_SECONDS: at least 1"),
-            (self.worker_poll_interval > 0, "WORKER_POLL_INTERVAL: must be positive"),
-            (1 <= self.postcall_beam_size <= 10, "POSTCALL_BEAM_SIZE: between 1 and 10"),
-            (self.result_cache_ttl >= 1, "RESULT_CACHE_TTL: at least 1 second"),
-            (self.max_upload_bytes >= 1, "MAX_UPLOAD_BYTES: at least 1"),
-            (self.context_pending_seconds > 0, "CONTEXT_PENDING_SECONDS: must be positive"),
-            (self.context_pending_max >= 1, "CONTEXT_PENDING_MAX: at least 1"),
-            (
-                0.5 <= self.language_detect_seconds <= 30,
-                "LANGUAGE_DETECT_SECONDS: between 0.5 and 30",
-            ),
-            (
-                0 < self.language_detect_probability < 1,
-                "LANGUAGE_DETECT_PROBABILITY: between 0 and 1",
-            ),
-        ]
 
     @property
     def device(self) -> str:
@@ -393,6 +298,103 @@ def env_name(field_name: str) -> str:
 
 def known_variables() -> set[str]:
     return {str(f.metadata["env"]) for f in dataclasses.fields(Settings)}
+
+
+def _live_checks(s: Settings) -> list[tuple[bool, str]]:
+    """Batching, streaming, VAD and windows of the live model."""
+    return [
+        (s.batch_size >= 1, "BATCH_SIZE: must be at least 1"),
+        (s.min_batch_size >= 1, "MIN_BATCH_SIZE: must be at least 1"),
+        (
+            s.min_batch_size <= s.max_batch_size,
+            "MIN_BATCH_SIZE: must not exceed MAX_BATCH_SIZE",
+        ),
+        (s.max_concurrent_gpu_requests >= 1, "MAX_CONCURRENT_GPU_REQUESTS: at least 1"),
+        (s.max_queue_size >= 1, "MAX_QUEUE_SIZE: must be at least 1"),
+        (s.streaming_chunk_size >= 1600, "STREAMING_CHUNK_SIZE: at least 1600 (0.1 s)"),
+        (0.01 <= s.streaming_interval <= 5, "STREAMING_INTERVAL: between 0.01 and 5 s"),
+        (s.partial_interval > 0, "PARTIAL_INTERVAL: must be positive"),
+        (s.tcp_socket_timeout > 0, "TCP_SOCKET_TIMEOUT: must be positive"),
+        (s.tcp_buffer_size >= 1024, "TCP_BUFFER_SIZE: at least 1024"),
+        (
+            s.final_beam_size is None or 1 <= s.final_beam_size <= 10,
+            "FINAL_BEAM_SIZE: between 1 and 10, or empty",
+        ),
+        (
+            1 <= s.contextless_final_beam_size <= 10,
+            "CONTEXTLESS_FINAL_BEAM_SIZE: between 1 and 10",
+        ),
+        (
+            1 <= s.final_context_segments <= 4,
+            "FINAL_CONTEXT_SEGMENTS: between 1 and 4",
+        ),
+        (0 < s.vad_threshold < 1, "VAD_THRESHOLD: between 0 and 1"),
+        (s.vad_min_silence_ms >= 100, "VAD_MIN_SILENCE_MS: at least 100"),
+        (
+            2 <= s.max_segment_seconds <= 28,
+            "MAX_SEGMENT_SECONDS: between 2 and 28 (a Whisper window is 30 s)",
+        ),
+        (
+            1 <= s.min_window_seconds <= 30,
+            "MIN_WINDOW_SECONDS: between 1 and 30",
+        ),
+        (
+            1 <= s.partial_window_seconds <= 30,
+            "PARTIAL_WINDOW_SECONDS: between 1 and 30",
+        ),
+    ]
+
+
+def _service_checks(s: Settings) -> list[tuple[bool, str]]:
+    """Calls, connections, Redis, Postgres, threads, language."""
+    return [
+        (s.drain_timeout >= 0, "DRAIN_TIMEOUT: must not be negative"),
+        (s.max_calls >= 1, "MAX_CALLS: at least 1"),
+        (s.max_call_seconds > 0, "MAX_CALL_SECONDS: must be positive"),
+        (s.call_id_timeout > 0, "CALL_ID_TIMEOUT: must be positive"),
+        (s.max_pending_connections >= 1, "MAX_PENDING_CONNECTIONS: at least 1"),
+        (s.max_pending_per_peer >= 1, "MAX_PENDING_PER_PEER: at least 1"),
+        (s.redis_backlog >= 1, "REDIS_BACKLOG: at least 1"),
+        (s.redis_stream_maxlen >= 1, "REDIS_STREAM_MAXLEN: at least 1"),
+        (s.redis_stream_ttl >= 1, "REDIS_STREAM_TTL: at least 1 second"),
+        (s.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)"),
+        (s.cpu_workers >= 0, "CPU_WORKERS: must not be negative (0 = one per core)"),
+        (
+            s.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "REDIS_URL: must start with redis://, rediss:// or unix://",
+        ),
+        (
+            s.database_url.startswith(("postgresql://", "postgres://")),
+            "DATABASE_URL: must start with postgresql://",
+        ),
+        (
+            s.language == "auto" or (2 <= len(s.language) <= 3 and s.language.isalpha()),
+            f"LANGUAGE: {s.language!r} is not a Whisper language code or auto",
+        ),
+    ]
+
+
+def _postcall_checks(s: Settings) -> list[tuple[bool, str]]:
+    return [
+        (s.worker_concurrency >= 1, "WORKER_CONCURRENCY: at least 1"),
+        (s.max_retries >= 0, "CELERY_MAX_RETRIES: must not be negative"),
+        (s.retry_backoff >= 0, "RETRY_BACKOFF: must not be negative"),
+        (s.job_lease_seconds >= 1, "JOB_LEASE_SECONDS: at least 1"),
+        (s.worker_poll_interval > 0, "WORKER_POLL_INTERVAL: must be positive"),
+        (1 <= s.postcall_beam_size <= 10, "POSTCALL_BEAM_SIZE: between 1 and 10"),
+        (s.result_cache_ttl >= 1, "RESULT_CACHE_TTL: at least 1 second"),
+        (s.max_upload_bytes >= 1, "MAX_UPLOAD_BYTES: at least 1"),
+        (s.context_pending_seconds > 0, "CONTEXT_PENDING_SECONDS: must be positive"),
+        (s.context_pending_max >= 1, "CONTEXT_PENDING_MAX: at least 1"),
+        (
+            0.5 <= s.language_detect_seconds <= 30,
+            "LANGUAGE_DETECT_SECONDS: between 0.5 and 30",
+        ),
+        (
+            0 < s.language_detect_probability < 1,
+            "LANGUAGE_DETECT_PROBABILITY: between 0 and 1",
+        ),
+    ]
 
 
 def variable_aliases() -> dict[str, str]:

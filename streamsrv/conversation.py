@@ -164,3 +164,39 @@ def merge_legs(legs: list[LegResult]) -> tuple[str, list[dict[str, Any]]]:
             )
     lines = [f"{t['role'] or t['call_id']}: {t['text']}" for t in turns]
     return "\n".join(lines), turns
+
+
+class ConversationLeg:
+    """One call's part in the conversation its context names, if any: joins and leaves it,
+    and hands the hub the call's finals and how far the call has settled."""
+
+    def __init__(self, hub: ConversationHub | None, call_id: str, started_at: float) -> None:
+        self._hub = hub
+        self.call_id = call_id
+        self.started_at = started_at
+        self.conversation: str | None = None
+
+    def follow(self, conversation: str | None, settled: float, live: bool) -> None:
+        """Take part in `conversation` (leaving one named before). A call without live
+        transcription publishes no finals: it holds nobody back."""
+        hub = self._hub
+        if hub is None or conversation == self.conversation:
+            return
+        self.leave()
+        self.conversation = conversation
+        if conversation:
+            hub.join(conversation, self.call_id, self.started_at, settled)
+            if not live:
+                hub.leave(conversation, self.call_id)
+
+    def final(self, message: dict[str, Any]) -> None:
+        if self._hub is not None and self.conversation:
+            self._hub.final(self.conversation, self.call_id, message)
+
+    def settled(self, seconds: float) -> None:
+        if self._hub is not None and self.conversation:
+            self._hub.settled(self.conversation, self.call_id, seconds)
+
+    def leave(self) -> None:
+        if self._hub is not None and self.conversation:
+            self._hub.leave(self.conversation, self.call_id)

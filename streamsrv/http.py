@@ -31,6 +31,36 @@ class Health:
     body: dict[str, Any]
     accepting: bool
 
+    @classmethod
+    def report(
+        cls,
+        *,
+        model: str,
+        model_name: str,
+        redis: str,
+        postgres: str,
+        spooled: int,
+        recordings: str,
+        calls_active: int,
+        accepting: bool,
+    ) -> Health:
+        """ok when every part works; degraded when Redis or Postgres is away but calls are
+        still taken and recorded; not accepting (503) only when no call can be taken."""
+        if postgres == "ok" and spooled:
+            postgres = "catching up"  # answering, the spool not yet replayed
+        parts = {"model": model, "redis": redis, "postgres": postgres, "recordings": recordings}
+        healthy_model = model in ("ok", "disabled")
+        ok = healthy_model and all(v == "ok" for v in parts.values() if v != "disabled")
+        body = {
+            "status": "ok" if ok else "degraded",
+            **parts,
+            "model_name": model_name,
+            "calls_active": calls_active,
+            "spooled_writes": spooled,
+            "accepting": accepting,
+        }
+        return cls(body, accepting)
+
 
 class HttpApi:
     def __init__(

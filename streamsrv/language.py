@@ -8,13 +8,19 @@ the first of them detected with LANGUAGE_DETECT_PROBABILITY or more decides; if 
 windows come and none is that sure, the language with the highest summed probability over them
 wins. After that every request goes in that language. Finals keep asking for a detection, as
 evidence: two finals in a row that hear another language with SWITCH_PROBABILITY or more
-change it (a call handed from one language to another). Pure logic.
+change it (a call handed from one language to another). No I/O; decisions are logged.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+import structlog
+
+from streamsrv import events
+
+log = structlog.get_logger(__name__)
 
 SWITCH_PROBABILITY = 0.9
 UNSURE_WINDOWS = 3
@@ -25,6 +31,23 @@ class Decision:
     language: str
     probability: float
     previous: str | None
+
+    def event(self, call_id: str, at: float) -> events.LanguageDetected:
+        """The message that says so, `at` seconds into the call; logged too."""
+        log.info(
+            "language_detected",
+            call_id=call_id,
+            language=self.language,
+            probability=self.probability,
+            previous=self.previous,
+        )
+        return events.LanguageDetected(
+            call_id=call_id,
+            language=self.language,
+            probability=self.probability,
+            at=at,
+            previous=self.previous,
+        )
 
 
 @dataclass

@@ -10,6 +10,7 @@ SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 
 class Metrics:
     def __init__(self) -> None:
+        """Connections and calls here; the rest in _model_metrics."""
         r = self.registry = CollectorRegistry()
         self.calls_active = Gauge("streamsrv_calls_active", "Calls connected now", registry=r)
         self.calls_total = Counter("streamsrv_calls", "Calls accepted", registry=r)
@@ -36,6 +37,10 @@ class Metrics:
         self.protocol_errors = Counter(
             "streamsrv_protocol_errors", "Connections ended by a protocol violation", registry=r
         )
+        self._model_metrics(r)
+
+    def _model_metrics(self, r: CollectorRegistry) -> None:
+        """What the calls publish and what the model does; the disk, the loop."""
         self.dtmf = Counter("streamsrv_dtmf", "DTMF keys received", registry=r)
         self.partials = Counter("streamsrv_partials", "Partial transcripts published", registry=r)
         self.finals = Counter("streamsrv_finals", "Final transcripts published", registry=r)

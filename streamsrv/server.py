@@ -18,9 +18,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import time
-from datetime import datetime
-from typing import Any
 
 import structlog
 
@@ -33,7 +30,7 @@ from streamsrv.asr.whisper import AsrRequest, AsrResult
 from streamsrv.call import Call, CallServices
 from streamsrv.config import Settings
 from streamsrv.connection import Connection
-from streamsrv.context import CallContext, PendingContexts
+from streamsrv.context_desk import ContextDesk
 from streamsrv.conversation import ConversationHub
 from streamsrv.http import Health, HttpApi
 from streamsrv.jobs import JobStore
@@ -70,11 +67,11 @@ class Server:
         self.vad_scheduler = VadScheduler()
         self._ended_ids: dict[str, None] = {}  # recently ended call ids, oldest first
         self._tcp: asyncio.Server | None = None
-        self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs, self)
-        self.contexts = PendingContexts(
-            settings.context_pending_max, settings.context_pending_seconds
-        )
-        self.english_only = False  # the live model knows only English
+        self.contexts = ContextDesk(
+            settings, self.calls.get, self._ended_ids.__contains__, self.store.jobs.calls,
+            self.publisher,
+        )  # fmt: skip
+        self._http = HttpApi(settings, self.health, self.metrics, self.store.jobs, self.contexts)
         self._tick_task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -138,33 +135,21 @@ class Server:
         self.model_status = "loading"
         model = await load_live_model(self.settings, self.metrics)
         self.executor, self.model_name = model.executor, model.name
-        self.english_only = model.english_only
+        self.contexts.english_only = model.english_only
         self.vad = self.vad_scheduler.vad = model.vad
         self.model_status = "ok"
 
     async def health(self) -> Health:
-        """ok when every part works; degraded when Redis or Postgres is away but calls are
-        still taken and recorded; not accepting (503) only when no call can be taken."""
-        postgres = await self.store.jobs.check()
-        if postgres == "ok" and self.store.spooled:
-            postgres = "catching up"  # answering, the spool not yet replayed
-        parts = {
-            "model": self.model_status,
-            "redis": self.publisher.status,
-            "postgres": postgres,
-            "recordings": self.recordings_status,
-        }
-        healthy_model = self.model_status in ("ok", "disabled")
-        ok = healthy_model and all(v == "ok" for v in parts.values() if v != "disabled")
-        body = {
-            "status": "ok" if ok else "degraded",
-            **parts,
-            "model_name": self.model_name,
-            "calls_active": len(self.calls),
-            "spooled_writes": self.store.spooled,
-            "accepting": self.accepting,
-        }
-        return Health(body, self.accepting)
+        return Health.report(
+            model=self.model_status,
+            model_name=self.model_name,
+            redis=self.publisher.status,
+            postgres=await self.store.jobs.check(),
+            spooled=self.store.spooled,
+            recordings=self.recordings_status,
+            calls_active=len(self.calls),
+            accepting=self.accepting,
+        )
 
     @property
     def recordings_status(self) -> str:
@@ -205,55 +190,12 @@ class Server:
             raise aso.ProtocolError(f"call id {call_id} was already used")
         if not self.admission.identified(conn, len(self.calls)):
             return None
-        held = self.contexts.take(call_id, time.monotonic())
+        held = self.contexts.take(call_id)
         call = Call(self.services, call_id, conn.peer, held)
         self.calls[call_id] = call
         self.metrics.calls_total.inc()
         self.metrics.calls_active.inc()
         return call
-
-    async def conversation_view(self, conversation: str) -> dict[str, Any] | None:
-        """Its legs (their rows) and its merged transcript (the finals of every leg in time
-        order, while its stream is kept: REDIS_STREAM_TTL); None for an unknown one."""
-        legs = await self.store.jobs.calls.conversation(conversation)
-        finals = await self.publisher.conversation_so_far(conversation)
-        if not legs and not finals:
-            return None
-        started = {
-            str(leg["call_id"]): datetime.fromisoformat(leg["created_at"]).timestamp()
-            for leg in legs
-        }
-        merged = [
-            {
-                "call_id": m["call_id"],
-                "role": m.get("role"),
-                "at": round(started.get(m["call_id"], 0.0) + m["start"], 3),
-                "start": m["start"],
-                "end": m["end"],
-                "segment": m["segment"],
-                "text": m["text"],
-            }
-            for m in finals
-        ]
-        postcall = await self.store.jobs.calls.conversation_result(conversation)
-        return {
-            "conversation": conversation,
-            "legs": legs,
-            "transcript": merged,
-            "postcall": postcall,
-        }
-
-    def post_context(self, call_id: str, context: CallContext) -> tuple[str, CallContext]:
-        """Context from the PBX: `applied` to the running call, `held` until it connects
-        (bounded: streamsrv.context.PendingContexts), or `ended` (refused)."""
-        call = self.calls.get(call_id)
-        if call_id in self._ended_ids or (call is not None and call.ended):
-            return "ended", context
-        if call is not None:
-            call.set_context(context)
-            assert call.context is not None
-            return "applied", call.context
-        return "held", self.contexts.put(call_id, context, time.monotonic())
 
     def finish(self, call: Call, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(call, reason))

@@ -340,22 +340,7 @@ class LiveTranscript:
         if decision is None:
             return []
         self.language = decision.language
-        log.info(
-            "language_detected",
-            call_id=self.call_id,
-            language=decision.language,
-            probability=decision.probability,
-            previous=decision.previous,
-        )
-        return [
-            events.LanguageDetected(
-                call_id=self.call_id,
-                language=decision.language,
-                probability=decision.probability,
-                at=round(ask.end / MODEL_RATE, 3),
-                previous=decision.previous,
-            )
-        ]
+        return [decision.event(self.call_id, at=round(ask.end / MODEL_RATE, 3))]
 
     def _next_segment(self) -> int:
         number = self.segments_published

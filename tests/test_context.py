@@ -179,7 +179,7 @@ async def test_bad_context_is_refused_and_stores_nothing(settings_env):
             assert status == expected and body["error"], (kwargs, body)
         status, _ = await post(port, "not-a-uuid", data={"role": "caller"})
         assert status == 400
-        assert len(server.contexts) == 0
+        assert len(server.contexts.held) == 0
 
 
 @pytest.mark.e2e
