@@ -16,6 +16,7 @@ silently lost field.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -29,6 +30,14 @@ MAX_TAG_VALUE_CHARS = 256
 TEXT_FIELDS = ("conversation", "caller", "agent", "queue")
 _ROLE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
+
+
+@functools.cache
+def whisper_languages() -> frozenset[str]:
+    """The language codes Whisper knows (read once from faster-whisper)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return frozenset(_LANGUAGE_CODES)
 
 
 class ContextError(Exception):

@@ -27,7 +27,14 @@ from aiohttp import web
 
 from streamsrv.admission import PeerFilter
 from streamsrv.config import Settings
-from streamsrv.context import MAX_BODY_BYTES, CallContext, ContextError, parse_context
+from streamsrv.context import (
+    MAX_BODY_BYTES,
+    CallContext,
+    ContextError,
+    parse_context,
+    whisper_languages,
+)
+from streamsrv.postcall.uploads import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -45,16 +52,6 @@ class ContextSink(Protocol):
         """Its legs and merged transcript; None for an unknown conversation."""
 
 
-def whisper_languages() -> frozenset[str]:
-    from faster_whisper.tokenizer import _LANGUAGE_CODES  # the codes Whisper knows
-
-    return frozenset(_LANGUAGE_CODES)
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 def write_guard(settings: Settings) -> Any:
     """aiohttp middleware: refuse a POST that the settings do not allow (401 or 403)."""
     peers = PeerFilter(settings.http_allowed_peers)
@@ -69,13 +66,13 @@ def write_guard(settings: Settings) -> Any:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "POST":
             if open_writes:
-                return error(403, "HTTP writes need HTTP_TOKEN or HTTP_ALLOWED_PEERS here")
+                return error_response(403, "HTTP writes need HTTP_TOKEN or HTTP_ALLOWED_PEERS here")
             if settings.http_allowed_peers and not peers.allows(request.remote or ""):
-                return error(403, "this peer may not write")
+                return error_response(403, "this peer may not write")
             if token:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                 if not hmac.compare_digest(given.encode(), token):
-                    return error(401, "a bearer token is required")
+                    return error_response(401, "a bearer token is required")
         return await handler(request)
 
     return guard
@@ -85,20 +82,20 @@ async def post_context(request: web.Request, sink: ContextSink) -> web.Response:
     try:
         call_id = str(uuid.UUID(request.match_info["call_id"]))
     except ValueError:
-        return error(400, "not a call id (the UUID Asterisk sends)")
+        return error_response(400, "not a call id (the UUID Asterisk sends)")
     if (request.content_length or 0) > MAX_BODY_BYTES:
-        return error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        return error_response(413, f"the body is over {MAX_BODY_BYTES} bytes")
     body = await request.content.read(MAX_BODY_BYTES + 1)
     if len(body) > MAX_BODY_BYTES:
-        return error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        return error_response(413, f"the body is over {MAX_BODY_BYTES} bytes")
     try:
         values = _fields(request.content_type, body)
         context = parse_context(values, whisper_languages(), sink.english_only)
     except ContextError as exc:
-        return error(exc.status, exc.message)
+        return error_response(exc.status, exc.message)
     state, now = sink.post_context(call_id, context)
     if state == "ended":
-        return error(409, "the call has ended")
+        return error_response(409, "the call has ended")
     return web.json_response({"call_id": call_id, "state": state, "context": now.as_json()})
 
 

@@ -14,8 +14,13 @@ import asyncpg
 import pytest
 
 from streamsrv import corpus
-from streamsrv.context import CallContext, ContextError, PendingContexts, parse_context
-from streamsrv.http_context import whisper_languages
+from streamsrv.context import (
+    CallContext,
+    ContextError,
+    PendingContexts,
+    parse_context,
+    whisper_languages,
+)
 from streamsrv.simulate import play_call
 from tests.e2e import Collector, get, make_settings, running_server
 

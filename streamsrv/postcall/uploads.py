@@ -24,6 +24,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 
 from streamsrv.config import Settings
+from streamsrv.context import whisper_languages
 from streamsrv.jobs import JobStore
 from streamsrv.recordings import fsync_directory, recording_path
 
@@ -171,11 +172,9 @@ async def _read_field(part: BodyPartReader) -> str:
 
 def _language(value: str | None) -> str | None:
     """A Whisper language code, or None (empty or `auto`: LANGUAGE, then detection)."""
-    from faster_whisper.tokenizer import _LANGUAGE_CODES  # the codes Whisper knows
-
     if not value or value == "auto":
         return None
-    if value not in _LANGUAGE_CODES:
+    if value not in whisper_languages():
         raise UploadError(400, f"`language` {value!r} is not a Whisper language code or auto")
     return value
 
