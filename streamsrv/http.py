@@ -124,14 +124,12 @@ class HttpApi:
     async def get_conversation(self, request: web.Request) -> web.Response:
         """Both legs (their rows) and the merged transcript of a conversation."""
         conversation = request.match_info["conversation"]
-        try:
-            view = await self._contexts.conversation_view(conversation)
-        except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
-            log.warning("conversation_view_failed", conversation=conversation, error=repr(exc))
-            return uploads.error_response(503, "database unavailable")
-        if view is None:
-            return uploads.error_response(404, "no such conversation")
-        return web.json_response(view)
+        return await _view(
+            self._contexts.conversation_view(conversation),
+            "no such conversation",
+            "conversation_view_failed",
+            conversation=conversation,
+        )
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""
@@ -139,11 +137,21 @@ class HttpApi:
             call_id = str(uuid.UUID(request.match_info["call_id"]))
         except ValueError:
             return uploads.error_response(404, "no such call")
-        try:
-            view = await self._jobs.calls.view(call_id)
-        except Exception as exc:  # Postgres away: say so, do not raise into aiohttp
-            log.warning("call_view_failed", call_id=call_id, error=repr(exc))
-            return uploads.error_response(503, "database unavailable")
-        if view is None:
-            return uploads.error_response(404, "no such call")
-        return web.json_response(view)
+        return await _view(
+            self._jobs.calls.view(call_id), "no such call", "call_view_failed", call_id=call_id
+        )
+
+
+async def _view(
+    fetch: Awaitable[dict[str, Any] | None], missing: str, failed: str, **about: str
+) -> web.Response:
+    """A view read from Postgres as JSON: 404 when there is none, 503 when Postgres is away
+    (said, not raised into aiohttp)."""
+    try:
+        view = await fetch
+    except Exception as exc:
+        log.warning(failed, error=repr(exc), **about)
+        return uploads.error_response(503, "database unavailable")
+    if view is None:
+        return uploads.error_response(404, missing)
+    return web.json_response(view)
