@@ -61,6 +61,7 @@ class Journal:
         self.path = directory / "journal"
         self.legacy_dir = directory / "open"
         self._open: dict[str, dict[str, Any]] = {}  # what the file holds open
+        self._legacy: dict[str, Path] = {}  # call id -> its file under legacy_dir, from entries()
         self._records = 0  # lines in the file
         self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._cond = threading.Condition()
@@ -87,6 +88,7 @@ class Journal:
                 continue
             if info.get("call_id") not in self._open:
                 entries.append(info)
+                self._legacy[str(info.get("call_id"))] = path
         return entries
 
     async def opened(self, call_id: str, info: dict[str, Any]) -> None:
@@ -94,8 +96,8 @@ class Journal:
 
     async def closed(self, call_id: str) -> None:
         await self._append({"close": call_id})
-        legacy = self.legacy_dir / f"{call_id}.json"
-        if legacy.exists():  # a call an earlier version journaled
+        legacy = self._legacy.pop(call_id, None)
+        if legacy is not None:  # a call an earlier version journaled (no disk look otherwise)
             await asyncio.to_thread(legacy.unlink, missing_ok=True)
 
     async def close(self) -> None:
