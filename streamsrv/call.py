@@ -199,7 +199,12 @@ class Call:
                 language=self.language,
             )
             self._runner = TranscriptRunner(
-                self.transcript, self.s.executor, self.s.metrics, self._emit_live, self.log
+                self.transcript,
+                self.s.executor,
+                self.s.metrics,
+                self._emit_live,
+                lambda: self.ended,
+                self.log,
             )
         elif self.mode != "postcall_only":
             self.mode = "postcall_only"
@@ -224,7 +229,8 @@ class Call:
         """New speech probabilities: ask the model for what the transcript needs."""
         if self._runner is not None and self.transcript is not None:
             self._runner.on_vad(probs)
-            self._leg.settled(self.transcript.settled_seconds)
+            if self._leg.conversation:
+                self._leg.settled(self.transcript.settled_seconds)
 
     def _emit_live(self, event: events.Event) -> None:
         """An event of the live transcript: a final carries the call's role and conversation,
@@ -249,7 +255,6 @@ class Call:
         if not self.started:
             self._start(self._default_rate())
         if self._runner is not None:
-            self._runner.ended = True
             await self._last_finals(self._runner, vad)
         self._leg.leave()
         assert self._recording is not None
@@ -323,6 +328,4 @@ class Call:
 
     def _emit(self, event: events.Event) -> dict[str, Any]:
         self._seq += 1
-        message = events.encode(event, self._seq)
-        self.s.publisher.publish(self.call_id, message, lifecycle=event.LIFECYCLE)
-        return message
+        return self.s.publisher.emit(event, self._seq)

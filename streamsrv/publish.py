@@ -234,9 +234,12 @@ class Publisher:
             log.warning("redis_down", url=_safe_url(self._url), backlog=len(self._backlog))
         self._task = asyncio.create_task(self._run(), name="redis-publisher")
 
-    def emit(self, event: events.Event, seq: int | None = None) -> None:
-        """Publish one event (see streamsrv.events for where it goes); never blocks."""
-        self.publish(event.call_id, events.encode(event, seq), lifecycle=event.LIFECYCLE)
+    def emit(self, event: events.Event, seq: int | None = None) -> dict[str, Any]:
+        """Publish one event (see streamsrv.events for where it goes); never blocks.
+        Returns the message as published."""
+        message = events.encode(event, seq)
+        self.publish(event.call_id, message, lifecycle=event.LIFECYCLE)
+        return message
 
     async def conversation_so_far(self, conversation: str) -> list[dict[str, Any]]:
         """A conversation's finals kept in its stream, in time order ([] if Redis is away)."""

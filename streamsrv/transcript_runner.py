@@ -24,15 +24,16 @@ class TranscriptRunner:
         executor: BatchExecutor[AsrRequest, AsrResult],
         metrics: Metrics,
         emit: Callable[[events.Event], None],
+        ended: Callable[[], bool],  # the call ended: late partials are dropped
         log: Any,
     ) -> None:
         self.transcript = transcript
         self._executor = executor
         self._metrics = metrics
         self._emit = emit
+        self._ended = ended
         self._log = log
         self._finals: dict[Ask, asyncio.Future[AsrResult]] = {}  # asked, result not handed in
-        self.ended = False  # late partials are dropped
 
     def on_vad(self, probs: Sequence[float], *, ending: bool = False) -> None:
         for ask in self.transcript.on_vad(probs, ending=ending):
@@ -63,7 +64,7 @@ class TranscriptRunner:
         future.add_done_callback(lambda f: self._partial_landed(ask, f))
 
     def _partial_landed(self, ask: Ask, future: asyncio.Future[AsrResult]) -> None:
-        if self.ended:
+        if self._ended():
             self.transcript.partial_shed(ask)
             return
         for event in self.transcript.partial_done(ask, _result(future)):
