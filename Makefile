@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 RUN_DIR := .run
-TEST_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-en asterisk-core-sounds-es-wav asterisk-core-sounds-es
+TEST_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-en asterisk-core-sounds-es-wav asterisk-core-sounds-es chromium chromium-driver
 # Export the service URLs that `make services` chose (private instances override).
 WITH_SERVICES := if [ -f $(RUN_DIR)/services.env ]; then set -a; . $(RUN_DIR)/services.env; set +a; fi;
 

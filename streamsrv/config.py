@@ -103,6 +103,9 @@ class Settings:
     http_port: int = _var("HTTP_PORT", 8125, int)
     http_token: str = _var("HTTP_TOKEN", "", secret=True)
     http_allowed_peers: tuple[str, ...] = _var("HTTP_ALLOWED_PEERS", (), _cidrs)
+    board_user: str = _var("BOARD_USER", "supervisor")
+    board_password: str = _var("BOARD_PASSWORD", "", secret=True)
+    board_recent_calls: int = _var("BOARD_RECENT_CALLS", 50, int)
     context_pending_seconds: float = _var("CONTEXT_PENDING_SECONDS", 600.0, float)
     context_pending_max: int = _var("CONTEXT_PENDING_MAX", 10_000, int)
     redis_url: str = _var("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -357,6 +360,7 @@ def _service_checks(s: Settings) -> list[tuple[bool, str]]:
         (s.redis_backlog >= 1, "REDIS_BACKLOG: at least 1"),
         (s.redis_stream_maxlen >= 1, "REDIS_STREAM_MAXLEN: at least 1"),
         (s.redis_stream_ttl >= 1, "REDIS_STREAM_TTL: at least 1 second"),
+        (0 <= s.board_recent_calls <= 500, "BOARD_RECENT_CALLS: 0 to 500"),
         (s.cpu_threads >= 0, "CPU_THREADS: must not be negative (0 = all cores)"),
         (s.cpu_workers >= 0, "CPU_WORKERS: must not be negative (0 = one per core)"),
         (

@@ -47,6 +47,20 @@ class Channels:
     def conversation_stream(self, conversation: str) -> str:
         return f"{self.prefix}stream:conversation:{conversation}"
 
+    @property
+    def active(self) -> str:
+        """Hash: call id -> the server holding it, for calls running now (all servers)."""
+        return f"{self.prefix}active"
+
+    @property
+    def ended(self) -> str:
+        """Sorted set: call ids that ended recently, scored by when."""
+        return f"{self.prefix}ended"
+
+    def server(self, server_id: str) -> str:
+        """A running server's heartbeat key (expires when it stops beating)."""
+        return f"{self.prefix}server:{server_id}"
+
 
 @dataclass(frozen=True, slots=True)
 class WordTime:

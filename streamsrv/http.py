@@ -1,5 +1,7 @@
 """HTTP on HTTP_HOST:HTTP_PORT (aiohttp, on the server's loop): GET /health, GET /metrics,
-POST /audio/process (a recording for the post-call pass) and GET /calls/<id>.
+POST /audio/process (a recording for the post-call pass), GET /calls/<id>, POST
+/calls/<id>/context, GET /conversations/<id>, and the live board: GET / and GET /events
+(streamsrv.http_board). Who may use which: streamsrv.http_access.
 
 It sees the server through what it serves, not the server itself: a health() coroutine, the
 metrics and the job store."""
@@ -16,7 +18,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from streamsrv.config import Settings
-from streamsrv.http_context import ContextSink, post_context, write_guard
+from streamsrv.http_access import access_guard
+from streamsrv.http_board import EventsEndpoint, serve_board_file
+from streamsrv.http_context import ContextSink, post_context
 from streamsrv.jobs import JobStore
 from streamsrv.metrics import Metrics
 from streamsrv.postcall import uploads
@@ -76,7 +80,11 @@ class HttpApi:
         self._metrics = metrics
         self._jobs = jobs
         self._contexts = contexts
-        self.app = web.Application(middlewares=[write_guard(settings)])
+        self._events = EventsEndpoint(settings)
+        self.app = web.Application(middlewares=[access_guard(settings)])
+        self.app.router.add_get("/", serve_board_file)
+        self.app.router.add_get("/board/{name}", serve_board_file)
+        self.app.router.add_get("/events", self._events.stream)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_post("/audio/process", self.process_audio)
@@ -88,7 +96,7 @@ class HttpApi:
 
     async def start(self) -> None:
         settings = self.settings
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, settings.http_host, settings.http_port)
         await self._site.start()
@@ -101,6 +109,7 @@ class HttpApi:
         raise RuntimeError("HTTP is not listening")
 
     async def close(self) -> None:
+        await self._events.close()  # open event streams end first, or cleanup waits on them
         if self._runner is not None:
             await self._runner.cleanup()
 

@@ -1,4 +1,4 @@
-"""POST /calls/<call_id>/context, and who may write over HTTP.
+"""POST /calls/<call_id>/context.
 
 The body is what Asterisk's CURL() dialplan function sends (application/x-www-form-urlencoded)
 or a JSON object; see streamsrv.context for the fields. 200 {"call_id", "state", "context"}
@@ -7,26 +7,18 @@ yet: applied when it does, if within CONTEXT_PENDING_SECONDS); 400 (not a form o
 not a call id), 413 (over MAX_BODY_BYTES), 422 (a bad field), 409 (the call has ended), each
 with {"error": ...}.
 
-Writes (every POST) change what a call is or queue work, so when HTTP_HOST is not loopback they
-need protection: HTTP_ALLOWED_PEERS (peers they may come from) and/or HTTP_TOKEN (a bearer token
-they must carry, compared in constant time and never logged). Bound elsewhere than loopback with
-neither set, writes are refused. A token that is set is required on loopback too.
+Who may post is streamsrv.http_access's concern.
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from streamsrv.admission import PeerFilter
-from streamsrv.config import Settings
 from streamsrv.context import (
     MAX_BODY_BYTES,
     CallContext,
@@ -35,8 +27,6 @@ from streamsrv.context import (
     whisper_languages,
 )
 from streamsrv.postcall.uploads import error_response
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ContextSink(Protocol):
@@ -50,32 +40,6 @@ class ContextSink(Protocol):
 
     async def conversation_view(self, conversation: str) -> dict[str, Any] | None:
         """Its legs and merged transcript; None for an unknown conversation."""
-
-
-def write_guard(settings: Settings) -> Any:
-    """aiohttp middleware: refuse a POST that the settings do not allow (401 or 403)."""
-    peers = PeerFilter(settings.http_allowed_peers)
-    token = settings.http_token.encode()
-    try:
-        loopback = ipaddress.ip_address(settings.http_host).is_loopback
-    except ValueError:
-        loopback = settings.http_host == "localhost"
-    open_writes = not (loopback or settings.http_allowed_peers or settings.http_token)
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "POST":
-            if open_writes:
-                return error_response(403, "HTTP writes need HTTP_TOKEN or HTTP_ALLOWED_PEERS here")
-            if settings.http_allowed_peers and not peers.allows(request.remote or ""):
-                return error_response(403, "this peer may not write")
-            if token:
-                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), token):
-                    return error_response(401, "a bearer token is required")
-        return await handler(request)
-
-    return guard
 
 
 async def post_context(request: web.Request, sink: ContextSink) -> web.Response:

@@ -8,6 +8,11 @@ trip costs far more than a message in it (ingest of 300 calls of 3 s: about 1.2 
 call), and 10 ms is nothing next to the seconds a partial or final takes to make.
 While Redis is down messages wait in a bounded FIFO; a waiting partial is dropped as soon as a
 newer message of its call exists, so an outage never replays stale partials.
+
+The same transactions keep the index of calls that boards and `streamsrv tail` start from
+(streamsrv.follow): a call enters the `active` hash with its call_started and leaves it for the
+`ended` sorted set with its call_ended; a heartbeat key, refreshed every few seconds, tells
+readers which servers still run, so the calls of a server that died are not shown as live.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +39,15 @@ from streamsrv.config import Settings
 log = structlog.get_logger(__name__)
 
 PARTIAL = events.Partial.TYPE
+STARTED = events.CallStarted.TYPE
+ENDED = events.CallEnded.TYPE
+HEARTBEAT_SECONDS = 5.0  # a server's heartbeat key lives 3 times as long
+ENDED_KEPT = 500  # calls kept in the `ended` index
+
+
+def server_id() -> str:
+    """This process among the servers that share a Redis."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(slots=True, eq=False)
@@ -198,6 +214,8 @@ class Publisher:
         self._closing = False
         self._loss_logged = False
         self._abandoned = 0
+        self._server = server_id()
+        self._beaten = -HEARTBEAT_SECONDS  # monotonic time of the last heartbeat sent
         self.published = 0
 
     @property
@@ -322,7 +340,8 @@ class Publisher:
                     return
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._ping_interval)
+                    idle = min(self._ping_interval, HEARTBEAT_SECONDS)
+                    await asyncio.wait_for(self._wake.wait(), idle)
                 if not self._wake.is_set() and not await self._probe():
                     self._mark_down("ping failed", [])
                 continue
@@ -356,12 +375,19 @@ class Publisher:
             pipe.publish(self._channels.call(entry.call_id), entry.payload)
             if entry.lifecycle:
                 pipe.publish(self._channels.lifecycle, entry.payload)
+            if entry.kind == STARTED:
+                pipe.hset(self._channels.active, entry.call_id, self._server)
+            elif entry.kind == ENDED:
+                pipe.hdel(self._channels.active, entry.call_id)
+                pipe.zadd(self._channels.ended, {entry.call_id: time.time()})
+                pipe.zremrangebyrank(self._channels.ended, 0, -ENDED_KEPT - 1)
             if entry.kind in events.STREAMED_TYPES:
                 key = self._channels.stream(entry.call_id)
                 pipe.xadd(key, {"data": entry.payload}, maxlen=self._stream_maxlen)
                 streams[key] = None
         for key in streams:
             pipe.expire(key, self._stream_ttl)
+        self._beat(pipe)
         results = await pipe.execute(raise_on_error=False)
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
@@ -369,12 +395,28 @@ class Publisher:
             log.error("redis_command_failed", errors=len(errors), error=repr(errors[0]))
 
     async def _probe(self) -> bool:
+        """Is Redis there? The heartbeat, when one is due, is the probe."""
         assert self._client is not None
         try:
-            await self._client.ping()
+            if self._heartbeat_due():
+                pipe = self._client.pipeline(transaction=False)
+                self._beat(pipe)
+                await pipe.execute()
+            else:
+                await self._client.ping()
         except (RedisError, OSError):
             return False
         return True
+
+    def _heartbeat_due(self) -> bool:
+        return time.monotonic() - self._beaten >= HEARTBEAT_SECONDS
+
+    def _beat(self, pipe: Any) -> None:
+        """Add this server's heartbeat to a pipeline when one is due."""
+        if self._heartbeat_due():
+            self._beaten = time.monotonic()
+            ttl = int(3 * HEARTBEAT_SECONDS)
+            pipe.set(self._channels.server(self._server), "1", ex=ttl)
 
     def _mark_up(self) -> None:
         self._up = True
