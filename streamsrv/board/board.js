@@ -159,7 +159,7 @@ const board = (() => {
     try {
       drawQueue(await fetchJson("/queue"));
     } catch {
-      $("queue-counts").replaceChildren(el("dd", { class: "empty" }, "queue not readable now"));
+      $("queue-counts").replaceChildren(el("dt", { class: "empty" }, "queue not readable now"));
     }
   }
 
@@ -311,13 +311,14 @@ const board = (() => {
       ),
       el("div", { class: "transcript" }, lines(members).map((l) => el("div", {
         class: "line" + (l.alert ? " alert" : ""), "data-kind": l.kind, "data-call": l.call,
+        "data-at": l.at.toFixed(3),
         "data-segment": l.segment === undefined ? null : String(l.segment),
       },
         el("span", { class: "at" }, clock(l.rel)),
         el("span", { class: "who " + roleClass(l.role) }, l.role),
         el("span", { class: "text" }, highlighted(l.text, l.alert)),
       ))),
-      results(members),
+      ...results(members),
     );
     if (keep) detail.scrollTop = detail.scrollHeight;
   }
@@ -333,7 +334,7 @@ const board = (() => {
       if (r.translation) parts.push(el("h4", {}, "Translation to English" + who), el("pre", {}, r.translation));
       if (r.insights) parts.push(el("h4", {}, "Insights" + who), el("pre", {}, JSON.stringify(r.insights, null, 2)));
     }
-    return parts.length ? el("section", { class: "results" }, parts) : null;
+    return parts.length ? [el("section", { class: "results" }, parts)] : [];
   }
 
   function drawAlerts() {
