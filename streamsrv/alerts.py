@@ -22,12 +22,13 @@ The file, one rule a line, written by hand (configs/alert-phrases.example):
 - Problems (unreadable file, a line that is not a rule, a bad expression, a rule twice) are
   configuration errors that name the file and line; `streamsrv check-config` lists them all.
 
-Cost: a text is normalised once; all phrases of a language are found in one pass over its words
-(a dict from first word to the phrases that begin with it), so their number costs nothing per
-word; regular expressions are searched one by one. Python's `re` has no timeout: texts are cut
-at MAX_TEXT_CHARS normalised characters (a final is at most MAX_SEGMENT_SECONDS of speech, far
-shorter), and a pattern with nested quantifiers such as (a+)+ can still take exponential time
-on that much text: write it atomic ((?>...), a++) or without the nesting.
+Cost: a text is normalised once, by the regular expression engine rather than word by word;
+all phrases of a language are found in one pass over its words (a dict from first word to the
+phrases that begin with it), so their number costs nothing per word; regular expressions are
+searched one by one. Python's `re` has no timeout: texts are cut at MAX_TEXT_CHARS characters
+(a final is at most MAX_SEGMENT_SECONDS of speech, far shorter), and a pattern with nested
+quantifiers such as (a+)+ can still take exponential time on that much text: write it atomic
+((?>...), a++) or without the nesting.
 
 A call's AlertWatch remembers which rules alerted for which segment: a rule alerts once per
 segment, on the first partial or the final that contains it.
@@ -37,6 +38,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ MAX_TEXT_CHARS = 4000
 MAX_LABEL_CHARS = 64
 _APOSTROPHE_CHARS = "'\u2019\u02bc"  # ', right single quotation mark, modifier letter
 _WORD = re.compile(rf"[\w{_APOSTROPHE_CHARS}]+")
+_PLAIN_WORD = re.compile(r"\w+")
 _APOSTROPHES = str.maketrans("", "", _APOSTROPHE_CHARS)
 _RULE = re.compile(r"(?P<language>\*|[A-Za-z]{2,3})\s*(?:\[(?P<label>[^\]]*)\])?\s*:(?P<body>.*)")
 
@@ -77,32 +81,31 @@ class Match:
     end: int
 
 
-@dataclass(frozen=True, slots=True)
 class Words:
-    """A text as the rules see it: its words normalised, where each is in the text."""
+    """A text as the rules see it: its words normalised, found by the regular expression engine
+    in a few passes over the whole text; where each word is in the text is worked out only for
+    a text that matched (a word is a run of word characters and apostrophes that is not only
+    apostrophes, so both ways find the same words)."""
 
-    tokens: tuple[str, ...]
-    spans: tuple[tuple[int, int], ...]  # each token's characters in the original text
-    starts: tuple[int, ...]  # each token's offset in `normalised`
-    normalised: str
+    def __init__(self, text: str) -> None:
+        self.text = text[:MAX_TEXT_CHARS]
+        self.normalised = " ".join(_PLAIN_WORD.findall(self.text.translate(_APOSTROPHES)))
+        self.normalised = self.normalised.casefold()
+        self.tokens = tuple(self.normalised.split(" ")) if self.normalised else ()
+
+    @functools.cached_property
+    def spans(self) -> list[tuple[int, int]]:
+        """Each word's characters in the text."""
+        return [m.span() for m in _WORD.finditer(self.text) if m.group().strip(_APOSTROPHE_CHARS)]
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """Each word's offset in `normalised`."""
+        return [0, *itertools.accumulate(len(token) + 1 for token in self.tokens[:-1])]
 
     @classmethod
     def of(cls, text: str) -> Words:
-        tokens: list[str] = []
-        spans: list[tuple[int, int]] = []
-        starts: list[int] = []
-        length = 0
-        for m in _WORD.finditer(text):
-            token = m.group().translate(_APOSTROPHES).casefold()
-            if not token:
-                continue
-            if length + len(token) > MAX_TEXT_CHARS:
-                break
-            tokens.append(token)
-            spans.append(m.span())
-            starts.append(length)
-            length += len(token) + 1
-        return cls(tuple(tokens), tuple(spans), tuple(starts), " ".join(tokens))
+        return cls(text)
 
 
 def normalise(text: str) -> str:

@@ -152,7 +152,7 @@ def test_a_long_text_is_cut_so_matching_stays_bounded() -> None:
     rules = alerts.parse("en: kill myself\n")
     text = "word " * 2000 + "kill myself"
     assert found(rules, "en", text) == []  # past MAX_TEXT_CHARS
-    assert len(alerts.normalise(text)) <= alerts.MAX_TEXT_CHARS
+    assert len(alerts.normalise(text)) < alerts.MAX_TEXT_CHARS
     assert found(rules, "en", "word " * 10 + "kill myself") == ["kill myself"]
 
 
@@ -183,6 +183,20 @@ def test_a_phrase_matches_exactly_when_its_words_are_adjacent(
 def test_matching_never_fails_and_spans_lie_in_the_text(text: str) -> None:
     for m in alerts.load(EXAMPLE).match("en", text) + RULES.match("sw", text):
         assert 0 <= m.start < m.end <= len(text)
+
+
+PIECES = ["kill", "myself", "KILL", "my", "self", "'", "\u2019", " ", ", ", "\u0130", "\u00df", "x"]
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=40))
+def test_a_matchs_span_holds_exactly_the_phrases_words(pieces: list[str]) -> None:
+    """Apostrophes, letters that casefold to two, words only of apostrophes: the span found
+    for a phrase is the phrase, once normalised."""
+    rules = alerts.parse("en: kill myself\nen: re: \\bkill\\b\n")
+    text = "".join(pieces)
+    for m in rules.match("en", text):
+        expected = " ".join(m.rule.words) if m.rule.words else "kill"
+        assert alerts.normalise(text[m.start : m.end]) == expected, (text, m)
 
 
 # -- one call's alerts -----------------------------------------------------------------------------
