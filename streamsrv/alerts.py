@@ -116,7 +116,7 @@ def normalise(text: str) -> str:
 @dataclass(frozen=True)
 class AlertRules:
     source: str  # the file, for messages
-    rules: tuple[Rule, ...]
+    rules: tuple[Rule, ...] = field(repr=False)
     # by language: first word -> the phrases that begin with it; the expressions
     _phrases: dict[str, dict[str, list[Rule]]] = field(init=False, repr=False, compare=False)
     _patterns: dict[str, list[Rule]] = field(init=False, repr=False, compare=False)
