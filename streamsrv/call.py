@@ -20,6 +20,7 @@ import structlog
 
 from streamsrv import audiosocket as aso
 from streamsrv import events
+from streamsrv.alerts import AlertWatch
 from streamsrv.asr.executor import BatchExecutor
 from streamsrv.asr.vad import VadState
 from streamsrv.asr.whisper import AsrRequest, AsrResult
@@ -90,6 +91,8 @@ class Call:
         self._recording: Recording | None = None
         self._records = CallRecords(services.store, services.journal)
         self._runner: TranscriptRunner | None = None
+        rules = self.settings.alert_rules
+        self._alerts = AlertWatch(rules, self.settings.alert_on_partials) if rules else None
 
     # -- messages in -------------------------------------------------------------------------
 
@@ -234,7 +237,8 @@ class Call:
 
     def _emit_live(self, event: events.Event) -> None:
         """An event of the live transcript: a final carries the call's role and conversation,
-        and goes to the conversation too; then how far the call has settled."""
+        and goes to the conversation too; then how far the call has settled. The alerts its
+        text brings follow it."""
         if isinstance(event, events.Final):
             context = self.context or CallContext()
             final = replace(event, role=context.role, conversation=context.conversation)
@@ -243,6 +247,13 @@ class Call:
             self._leg.settled(self.transcript.settled_seconds)
         else:
             self._emit(event)
+        if self._alerts is not None:
+            for alert in self._alerts.check(event, self.language):
+                self.s.metrics.alerts.labels(alert.source).inc()
+                self.log.warning(
+                    "alert", phrase=alert.phrase, label=alert.label, segment=alert.segment
+                )
+                self._emit(alert)
 
     # -- end of call ---------------------------------------------------------------------------
 

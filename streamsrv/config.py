@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamsrv import alerts
+
 PROCESSING_MODES = ("realtime_only", "postcall_only", "hybrid")
 DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_TYPES = (
@@ -73,6 +75,11 @@ def _optional_str(text: str) -> str | None:
 
 def _optional_int(text: str) -> int | None:
     return int(text) if text.strip() else None
+
+
+def _alert_rules(text: str) -> alerts.AlertRules | None:
+    """ALERT_PHRASES: the rules of the file it names, read and compiled once; empty: none."""
+    return alerts.load(Path(text.strip())) if text.strip() else None
 
 
 def _var(
@@ -146,6 +153,8 @@ class Settings:
     language: str = _var("LANGUAGE", "auto")
     language_detect_seconds: float = _var("LANGUAGE_DETECT_SECONDS", 3.0, float)
     language_detect_probability: float = _var("LANGUAGE_DETECT_PROBABILITY", 0.6, float)
+    alert_rules: alerts.AlertRules | None = _var("ALERT_PHRASES", None, _alert_rules)
+    alert_on_partials: bool = _var("ALERT_ON_PARTIALS", False, _bool)
     final_beam_size: int | None = _var("FINAL_BEAM_SIZE", None, _optional_int)
     contextless_final_beam_size: int = _var("CONTEXTLESS_FINAL_BEAM_SIZE", 5, int)
     condition_on_previous_text: bool = _var("CONDITION_ON_PREVIOUS_TEXT", False, _bool)
@@ -270,6 +279,8 @@ class Settings:
                 continue
             try:
                 kwargs[f.name] = f.metadata["parse"](values[env])
+            except alerts.RulesError as exc:  # one problem per line of the file
+                problems += [f"{env}: {problem}" for problem in exc.problems]
             except ValueError as exc:
                 problems.append(f"{env}: {exc}")
         try:

@@ -6,9 +6,10 @@ the JSON object of the contract, `decode` reads one back (for tools that follow 
 
 A call's events carry `seq` (per call, from 1) and go to the call's channel; `call_started`,
 `call_ended` also go to the lifecycle channel; finals, DTMF and lifecycle events are kept in
-the call's stream. The post-call worker's events have no `seq` and go to the lifecycle channel
-only. Optional fields that are None are left out of the JSON (a final whose model run failed
-has no `words`, `avg_logprob`, `no_speech_prob`), except those the contract says may be null.
+the call's stream; an `alert` goes to both. The post-call worker's events have no `seq` and
+go to the lifecycle channel only. Optional fields that are None are left out of the JSON (a
+final whose model run failed has no `words`, `avg_logprob`, `no_speech_prob`), except those the
+contract says may be null.
 """
 
 from __future__ import annotations
@@ -162,6 +163,27 @@ class Dtmf(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Alert(Event):
+    """A rule of ALERT_PHRASES (streamsrv.alerts) matched in a final, or in a partial with
+    ALERT_ON_PARTIALS: once per rule and segment. Kept in the stream, so that a board that
+    reconnects sees it again, and on the lifecycle channel, for a board of every call."""
+
+    TYPE = "alert"
+    LIFECYCLE = True
+    STREAMED = True
+    NULLABLE = frozenset({"label", "language"})
+
+    phrase: str  # the rule's phrase or regular expression, as written
+    label: str | None
+    language: str | None  # the call's, whose rules matched (None: not known yet, * rules only)
+    segment: int
+    text: str  # the final's or partial's text
+    source: str  # final or partial
+    start: float  # the matched words, when their times are known; else the segment's
+    end: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallEnded(Event):
     TYPE = "call_ended"
     LIFECYCLE = True
@@ -212,6 +234,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Partial,
         Final,
         Dtmf,
+        Alert,
         CallEnded,
         PostcallDone,
         PostcallFailed,
@@ -259,6 +282,7 @@ def decode(message: dict[str, Any]) -> Event:
 __all__ = [
     "EVENT_TYPES",
     "STREAMED_TYPES",
+    "Alert",
     "CallContext",
     "CallEnded",
     "CallStarted",

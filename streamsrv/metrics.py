@@ -44,6 +44,12 @@ class Metrics:
         self.dtmf = Counter("streamsrv_dtmf", "DTMF keys received", registry=r)
         self.partials = Counter("streamsrv_partials", "Partial transcripts published", registry=r)
         self.finals = Counter("streamsrv_finals", "Final transcripts published", registry=r)
+        self.alerts = Counter(
+            "streamsrv_alerts",
+            "Phrase alerts published (ALERT_PHRASES), by what matched: final or partial",
+            ["source"],
+            registry=r,
+        )
         self.partials_shed = Counter(
             "streamsrv_partials_shed",
             "Partial updates skipped because the queue was full",

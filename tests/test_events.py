@@ -37,6 +37,13 @@ DOCUMENTED = [
      "language": "sw", "probability": 0.91, "at": 3.4, "previous": None},
     {"type": "dtmf", "call_id": CALL, "seq": 5, "emitted_at": 1764720005.0, "digit": "#",
      "at": 4.2},
+    {"type": "alert", "call_id": CALL, "seq": 6, "emitted_at": 1764720005.5,
+     "phrase": "kill myself", "label": "self-harm", "language": "en", "segment": 1,
+     "text": "I want to kill myself.", "source": "final", "start": 3.1, "end": 3.9},
+    # a rule without a label, for any language, matched before the call's language was known
+    {"type": "alert", "call_id": CALL, "seq": 7, "emitted_at": 1764720005.6,
+     "phrase": "\\bpolice\\b", "label": None, "language": None, "segment": 2,
+     "text": "call the police", "source": "partial", "start": 4.0, "end": 5.0},
     {"type": "call_ended", "call_id": CALL, "seq": 6, "emitted_at": 1764720006.0,
      "ended_at": 1764720006.0, "duration": 5.6, "audio_seconds": 5.5, "reason": "hangup",
      "segments": 2, "job_id": 7, "processing_mode": "hybrid"},
@@ -68,12 +75,13 @@ def test_every_type_is_covered_and_routed_as_documented() -> None:
         "call_started",
         "call_context",
         "language_detected",
+        "alert",
         "call_ended",
         "postcall_done",
         "postcall_failed",
     }
     streamed = {"call_started", "call_context", "language_detected", "final", "dtmf", "call_ended"}
-    assert streamed == events.STREAMED_TYPES
+    assert streamed | {"alert"} == events.STREAMED_TYPES
 
 
 def test_a_calls_event_needs_its_seq_and_a_message_its_fields() -> None:
