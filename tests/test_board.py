@@ -153,9 +153,16 @@ async def kept_finals(redis_url: str, prefix: str, call_ids: list[str]) -> list[
     return sorted(found)
 
 
-async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(settings_env):
+async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
+    settings_env, tmp_path
+):
     prefix = f"t{secrets.token_hex(4)}:"
-    env = {**os.environ, **settings_env, "REDIS_CHANNEL_PREFIX": prefix}
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("en [patience]: thank you for your patience\n")
+    env = {
+        **os.environ, **settings_env, "REDIS_CHANNEL_PREFIX": prefix,
+        "ALERT_PHRASES": str(phrases),
+    }  # fmt: skip
     caller = corpus.build_call(corpus.pick_prompts(4, 51), pause=1.5)
     agent = corpus.build_call(corpus.pick_prompts(4, 52), pause=1.5)
     ids = {"caller": str(uuid.uuid4()), "agent": str(uuid.uuid4())}
@@ -216,6 +223,15 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(set
 
             lines = await until(all_drawn, 30, "every final")
             history = await asyncio.to_thread(browser.execute_script, "return window.__lines")
+
+            def alert_shown() -> tuple[str, str, str]:
+                return (
+                    " ".join(n.text for n in browser.find_elements("css selector", ".line.alert")),
+                    browser.find_element("id", "alert-list").text,
+                    browser.find_element("css selector", "#ended li").get_attribute("class"),
+                )
+
+            alert = await asyncio.to_thread(alert_shown)
         finally:
             await asyncio.to_thread(browser.quit)
     assert "caller" in badges and "agent" in badges  # two legs, one entry, by role
@@ -233,3 +249,6 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(set
         (c, s) for k, c, s, _ in history if k == "final"
     }
     assert replaced, "no partial was ever drawn and then replaced by its final"
+    marked, listed, entry_class = alert
+    assert "patience" in marked.lower()  # the line that matched, highlighted in the transcript
+    assert "patience" in listed and "alerted" in entry_class  # listed on top, the entry flagged
