@@ -1,5 +1,5 @@
 """HTTP on HTTP_HOST:HTTP_PORT (aiohttp, on the server's loop): GET /health, GET /metrics,
-POST /audio/process (a recording for the post-call pass) and GET /calls/<id>.
+POST /audio/process (a recording for the post-call pass), GET /calls/<id> and GET /queue.
 
 It sees the server through what it serves, not the server itself: a health() coroutine, the
 metrics and the job store."""
@@ -43,9 +43,11 @@ class Health:
         recordings: str,
         calls_active: int,
         accepting: bool,
+        queue: dict[str, int] | str,
     ) -> Health:
         """ok when every part works; degraded when Redis or Postgres is away but calls are
-        still taken and recorded; not accepting (503) only when no call can be taken."""
+        still taken and recorded; not accepting (503) only when no call can be taken. `queue`:
+        the post-call queue's counts as last read, or "unavailable"."""
         if postgres == "ok" and spooled:
             postgres = "catching up"  # answering, the spool not yet replayed
         parts = {"model": model, "redis": redis, "postgres": postgres, "recordings": recordings}
@@ -58,6 +60,7 @@ class Health:
             "calls_active": calls_active,
             "spooled_writes": spooled,
             "accepting": accepting,
+            "queue": queue,
         }
         return cls(body, accepting)
 
@@ -83,6 +86,7 @@ class HttpApi:
         self.app.router.add_get("/calls/{call_id}", self.get_call)
         self.app.router.add_post("/calls/{call_id}/context", self.post_context)
         self.app.router.add_get("/conversations/{conversation}", self.get_conversation)
+        self.app.router.add_get("/queue", self.get_queue)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -130,6 +134,14 @@ class HttpApi:
             "conversation_view_failed",
             conversation=conversation,
         )
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        """The post-call queue at a glance (JobRepository.overview), read now."""
+
+        async def read() -> dict[str, Any]:
+            return (await self._jobs.jobs.overview()).to_json()
+
+        return await _view(read(), "", "queue_view_failed")
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""

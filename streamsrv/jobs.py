@@ -111,6 +111,16 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        # The queue at a glance (GET /queue): what finished or failed lately, which workers
+        # were seen lately, without reading the whole table.
+        5,
+        """
+        create index postcall_jobs_updated_idx on postcall_jobs (updated_at);
+        create index postcall_jobs_failed_idx on postcall_jobs (updated_at)
+            where status = 'failed';
+        """,
+    ),
 )
 
 
