@@ -17,11 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from streamsrv.config import Settings
 from streamsrv.http_context import ContextSink, post_context, write_guard
-from streamsrv.jobs import JobStore
+from streamsrv.jobs import JobStore, bounded
 from streamsrv.metrics import Metrics
 from streamsrv.postcall import uploads
 
 log = structlog.get_logger(__name__)
+
+QUEUE_READ_TIMEOUT = 3.0  # GET /queue answers 503 rather than wait longer on Postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,8 @@ class HttpApi:
         """The post-call queue at a glance (JobRepository.overview), read now."""
 
         async def read() -> dict[str, Any]:
-            return (await self._jobs.jobs.overview()).to_json()
+            overview = await bounded(self._jobs.jobs.overview(), QUEUE_READ_TIMEOUT)
+            return overview.to_json()
 
         return await _view(read(), "", "queue_view_failed")
 

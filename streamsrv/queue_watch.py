@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from streamsrv.jobs import bounded
 from streamsrv.repositories import QueueOverview
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,7 @@ class QueueWatch:
     async def refresh(self) -> None:
         """One read; any failure (Postgres away, not yet connected, too slow) clears it."""
         try:
-            self.latest = await asyncio.wait_for(self._read(), self._timeout)
+            self.latest = await bounded(self._read(), self._timeout)
         except Exception as exc:
             if self.latest is not None:
                 log.warning("queue_read_failed", error=repr(exc))
