@@ -186,6 +186,8 @@ class Settings:
     retry_backoff: float = _var("RETRY_BACKOFF", 30.0, float)
     job_lease_seconds: float = _var("JOB_LEASE_SECONDS", 60.0, float)
     worker_poll_interval: float = _var("WORKER_POLL_INTERVAL", 2.0, float)
+    worker_metrics_host: str = _var("WORKER_METRICS_HOST", "127.0.0.1")
+    worker_metrics_port: int = _var("WORKER_METRICS_PORT", 9109, int)
     postcall_beam_size: int = _var("POSTCALL_BEAM_SIZE", 5, int)
     include_translation: bool = _var("INCLUDE_TRANSLATION", False, _bool)
     include_insights: bool = _var("INCLUDE_INSIGHTS", True, _bool)
@@ -396,6 +398,7 @@ def _postcall_checks(s: Settings) -> list[tuple[bool, str]]:
         (s.retry_backoff >= 0, "RETRY_BACKOFF: must not be negative"),
         (s.job_lease_seconds >= 1, "JOB_LEASE_SECONDS: at least 1"),
         (s.worker_poll_interval > 0, "WORKER_POLL_INTERVAL: must be positive"),
+        (0 <= s.worker_metrics_port <= 65535, "WORKER_METRICS_PORT: 0 (off) to 65535"),
         (1 <= s.postcall_beam_size <= 10, "POSTCALL_BEAM_SIZE: between 1 and 10"),
         (s.result_cache_ttl >= 1, "RESULT_CACHE_TTL: at least 1 second"),
         (s.max_upload_bytes >= 1, "MAX_UPLOAD_BYTES: at least 1"),

@@ -1,7 +1,7 @@
 """HTTP on HTTP_HOST:HTTP_PORT (aiohttp, on the server's loop): GET /health, GET /metrics,
 POST /audio/process (a recording for the post-call pass), GET /calls/<id>, POST
-/calls/<id>/context, GET /conversations/<id>, and the live board: GET / and GET /events
-(streamsrv.http_board). Who may use which: streamsrv.http_access.
+/calls/<id>/context, GET /conversations/<id>, GET /queue, and the live board: GET / and
+GET /events (streamsrv.http_board). Who may use which: streamsrv.http_access.
 
 It sees the server through what it serves, not the server itself: a health() coroutine, the
 metrics and the job store."""
@@ -21,11 +21,13 @@ from streamsrv.config import Settings
 from streamsrv.http_access import access_guard
 from streamsrv.http_board import EventsEndpoint, serve_board_file
 from streamsrv.http_context import ContextSink, post_context
-from streamsrv.jobs import JobStore
+from streamsrv.jobs import JobStore, bounded
 from streamsrv.metrics import Metrics
 from streamsrv.postcall import uploads
 
 log = structlog.get_logger(__name__)
+
+QUEUE_READ_TIMEOUT = 3.0  # GET /queue answers 503 rather than wait longer on Postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +49,11 @@ class Health:
         recordings: str,
         calls_active: int,
         accepting: bool,
+        queue: dict[str, int] | str,
     ) -> Health:
         """ok when every part works; degraded when Redis or Postgres is away but calls are
-        still taken and recorded; not accepting (503) only when no call can be taken."""
+        still taken and recorded; not accepting (503) only when no call can be taken. `queue`:
+        the post-call queue's counts as last read, or "unavailable"."""
         if postgres == "ok" and spooled:
             postgres = "catching up"  # answering, the spool not yet replayed
         parts = {"model": model, "redis": redis, "postgres": postgres, "recordings": recordings}
@@ -62,6 +66,7 @@ class Health:
             "calls_active": calls_active,
             "spooled_writes": spooled,
             "accepting": accepting,
+            "queue": queue,
         }
         return cls(body, accepting)
 
@@ -91,6 +96,7 @@ class HttpApi:
         self.app.router.add_get("/calls/{call_id}", self.get_call)
         self.app.router.add_post("/calls/{call_id}/context", self.post_context)
         self.app.router.add_get("/conversations/{conversation}", self.get_conversation)
+        self.app.router.add_get("/queue", self.get_queue)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -139,6 +145,15 @@ class HttpApi:
             "conversation_view_failed",
             conversation=conversation,
         )
+
+    async def get_queue(self, request: web.Request) -> web.Response:
+        """The post-call queue at a glance (JobRepository.overview), read now."""
+
+        async def read() -> dict[str, Any]:
+            overview = await bounded(self._jobs.jobs.overview(), QUEUE_READ_TIMEOUT)
+            return overview.to_json()
+
+        return await _view(read(), "", "queue_view_failed")
 
     async def get_call(self, request: web.Request) -> web.Response:
         """The call row, its live transcript, its job and its post-call results."""

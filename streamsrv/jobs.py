@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -18,6 +19,8 @@ from streamsrv.config import Settings
 from streamsrv.repositories import CallRepository, JobRepository
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # Arbitrary fixed key ("streamsr" in ASCII) that serialises schema migrations across processes.
 MIGRATION_LOCK_KEY = 0x73747265616D7372
@@ -111,6 +114,16 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        # The queue at a glance (GET /queue): what finished or failed lately, which workers
+        # were seen lately, without reading the whole table.
+        5,
+        """
+        create index postcall_jobs_updated_idx on postcall_jobs (updated_at);
+        create index postcall_jobs_failed_idx on postcall_jobs (updated_at)
+            where status = 'failed';
+        """,
+    ),
 )
 
 
@@ -139,6 +152,18 @@ async def run_migrations(database_url: str) -> None:
         await migrate(conn)
     finally:
         await conn.close()
+
+
+async def bounded(aw: Awaitable[T], seconds: float) -> T:
+    """aw's result, or TimeoutError after `seconds` without waiting for aw to wind down: a
+    query on a connection that hangs takes its own time to cancel (asyncpg asks Postgres to)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), seconds)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise
 
 
 def tcp_address(url: str) -> tuple[str, int] | None:
@@ -232,7 +257,7 @@ class JobStore:
         if self._pool is None:
             return "down"
         try:
-            await asyncio.wait_for(self._pool.fetchval("select 1"), self._check_timeout)
+            await bounded(self._pool.fetchval("select 1"), self._check_timeout)
         except Exception as exc:  # any failure means "down"; /health must not raise
             log.debug("postgres_check_failed", error=repr(exc))
             return "down"

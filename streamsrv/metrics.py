@@ -88,6 +88,18 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
             registry=r,
         )
+        # Read when scraped (Gauge.set_function): the server sets the functions.
+        self.redis_up = Gauge("streamsrv_redis_up", "1 while Redis takes publishes", registry=r)
+        self.postgres_up = Gauge(
+            "streamsrv_postgres_up",
+            "1 while call rows and jobs go straight to Postgres (nothing spooled)",
+            registry=r,
+        )
+        self.spooled_writes = Gauge(
+            "streamsrv_spooled_writes",
+            "Call rows and jobs in the spool, waiting for Postgres",
+            registry=r,
+        )
 
     def observe_batch(self, size: int, seconds: float, waited: float) -> None:
         """Called from executor threads; prometheus_client metrics are thread-safe."""

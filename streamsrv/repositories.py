@@ -40,7 +40,7 @@ MAX_BACKOFF = 3600.0
 
 _CLAIM = """
 with next_jobs as (
-    select id from postcall_jobs
+    select id, status = 'running' as reclaimed from postcall_jobs
     where (status = 'queued' and run_after <= now())
        or (status = 'running' and lease_expires_at < now())
     order by {order}
@@ -55,7 +55,8 @@ where j.id = next_jobs.id
 returning j.id, j.call_id, j.audio_path, j.priority, j.attempts, j.language, j.error,
     j.created_at, (select dtmf from calls c where c.call_id = j.call_id) as dtmf,
     (select role from calls c where c.call_id = j.call_id) as role,
-    (select conversation from calls c where c.call_id = j.call_id) as conversation
+    (select conversation from calls c where c.call_id = j.call_id) as conversation,
+    next_jobs.reclaimed
 """
 
 _HELD = "id = $1 and worker = $2 and attempts = $3 and status = 'running'"
@@ -73,6 +74,93 @@ class Job:
     previous_error: str | None
     role: str | None = None  # from the call's context
     conversation: str | None = None
+    reclaimed: bool = False  # taken over from a worker whose lease had expired
+
+
+# The queue at a glance (GET /queue, /health, the worker's gauges): one statement, each part
+# served by an index (the claim index, and migration 5's on updated_at).
+_OVERVIEW = """
+with counts as (
+    select status, count(*) as n from postcall_jobs group by status
+), failed as (
+    select id, call_id, error, updated_at from postcall_jobs
+    where status = 'failed' order by updated_at desc limit $1
+), workers as (
+    select worker, max(updated_at) as last_seen,
+        count(*) filter (where status = 'running' and lease_expires_at >= now()) as running
+    from postcall_jobs
+    where worker is not null and updated_at > now() - make_interval(secs => $2)
+    group by worker
+)
+select
+    (select coalesce(jsonb_object_agg(status, n), '{}') from counts) as counts,
+    (select count(*) from postcall_jobs
+     where status = 'done' and updated_at > now() - make_interval(secs => $2)) as done_recent,
+    (select coalesce(jsonb_agg(jsonb_build_array(id, call_id, error, updated_at)
+        order by updated_at desc, id desc), '[]') from failed) as failed,
+    (select coalesce(jsonb_agg(jsonb_build_array(worker, last_seen, running)
+        order by last_seen desc, worker), '[]') from workers) as workers
+"""
+
+RECENT_SECONDS = 3600.0  # "done in the last hour", "workers seen in the last hour"
+FAILED_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class FailedJob:
+    job_id: int
+    call_id: str | None
+    error: str
+    failed_at: datetime
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """A worker (its `worker` name) that claimed, renewed or finished a job lately."""
+
+    worker: str
+    last_seen: datetime
+    running: int  # jobs it holds under a live lease
+
+
+@dataclass(frozen=True)
+class QueueOverview:
+    """How many jobs wait, run and failed; what finished in the last hour; the latest
+    failures; the workers seen lately."""
+
+    queued: int
+    running: int
+    failed: int
+    done_last_hour: int
+    failed_recent: tuple[FailedJob, ...]
+    workers: tuple[WorkerSeen, ...]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "queued": self.queued,
+            "running": self.running,
+            "failed": self.failed,
+            "done_last_hour": self.done_last_hour,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of GET /queue."""
+        return {
+            **self.counts(),
+            "failed_recent": [
+                {
+                    "job_id": str(f.job_id),
+                    "call_id": f.call_id,
+                    "error": f.error,
+                    "failed_at": f.failed_at.isoformat(),
+                }
+                for f in self.failed_recent
+            ],
+            "workers": [
+                {"worker": w.worker, "last_seen": w.last_seen.isoformat(), "running": w.running}
+                for w in self.workers
+            ],
+        }
 
 
 class CallRepository:
@@ -297,6 +385,7 @@ class JobRepository:
                 role=r["role"],
                 conversation=r["conversation"],
                 previous_error=r["error"],
+                reclaimed=r["reclaimed"],
             )
             for r in rows
         ]
@@ -391,3 +480,22 @@ class JobRepository:
         )
         wait = row["wait"]
         return int(row["n"]), max(0.0, float(wait)) if wait is not None else None
+
+    async def overview(self) -> QueueOverview:
+        """The queue at a glance, in one statement (see _OVERVIEW)."""
+        row = await self._db.pool.fetchrow(_OVERVIEW, FAILED_SHOWN, RECENT_SECONDS)
+        counts: dict[str, int] = json.loads(row["counts"])
+        return QueueOverview(
+            queued=counts.get("queued", 0),
+            running=counts.get("running", 0),
+            failed=counts.get("failed", 0),
+            done_last_hour=int(row["done_recent"]),
+            failed_recent=tuple(
+                FailedJob(int(i), c, e or "", datetime.fromisoformat(at))
+                for i, c, e, at in json.loads(row["failed"])
+            ),
+            workers=tuple(
+                WorkerSeen(w, datetime.fromisoformat(seen), int(n))
+                for w, seen, n in json.loads(row["workers"])
+            ),
+        )

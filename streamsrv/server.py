@@ -37,6 +37,7 @@ from streamsrv.jobs import JobStore
 from streamsrv.journal import Journal
 from streamsrv.metrics import Metrics
 from streamsrv.publish import Publisher
+from streamsrv.queue_watch import QueueWatch
 from streamsrv.recordings import RecordingWriter
 from streamsrv.recovery import recover_open_calls
 from streamsrv.spool import CallStore, Spool
@@ -57,6 +58,10 @@ class Server:
         self.store = CallStore(JobStore(settings), Spool(settings.spool_dir))
         self.recorder = RecordingWriter(settings.recordings_dir)
         self.journal = Journal(settings.spool_dir)
+        self.queue_watch = QueueWatch(self.store.jobs.jobs.overview)
+        self.metrics.redis_up.set_function(lambda: self.publisher.status == "ok")
+        self.metrics.postgres_up.set_function(lambda: self.store.status == "ok")
+        self.metrics.spooled_writes.set_function(lambda: self.store.spooled)
         self.connections: set[Connection] = set()
         self.calls: dict[str, Call] = {}
         self.finishing: set[asyncio.Task[None]] = set()
@@ -88,6 +93,7 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         await self.store.start()
+        self.queue_watch.start()
         await self.publisher.start()
         self.recorder.start()
         await asyncio.to_thread(self.journal.start)
@@ -149,6 +155,7 @@ class Server:
             recordings=self.recordings_status,
             calls_active=len(self.calls),
             accepting=self.accepting,
+            queue=self.queue_watch.counts(),
         )
 
     @property
@@ -313,6 +320,7 @@ class Server:
         await self.recorder.close()
         await self.journal.close()
         await self.publisher.close(timeout=5.0)
+        await self.queue_watch.close()
         await self.store.close()
         self.notifier.close()
         log.info("stopped")

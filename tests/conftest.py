@@ -176,4 +176,5 @@ def settings_env(
         "AUDIOSOCKET_PORT": "0",
         "HTTP_PORT": "0",
         "LOG_FORMAT": "json",
+        "WORKER_METRICS_PORT": "0",  # a test that wants the worker's metrics picks a port
     }

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from streamsrv.config import known_variables
 from streamsrv.metrics import Metrics
+from streamsrv.postcall.worker_metrics import WorkerMetrics
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -18,7 +19,8 @@ def test_every_variable_is_in_the_readme() -> None:
 def test_every_metric_is_in_the_readme() -> None:
     names = {
         m.name.removeprefix("streamsrv_") + ("_total" if m.type == "counter" else "")
-        for m in Metrics().registry.collect()
+        for registry in (Metrics().registry, WorkerMetrics().registry)
+        for m in registry.collect()
     }
     missing = sorted(n for n in names if f"`{n}`" not in README and f"`{n}{{" not in README)
     assert not missing

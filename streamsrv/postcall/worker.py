@@ -37,6 +37,8 @@ from streamsrv.conversation import merge_legs
 from streamsrv.jobs import JobStore
 from streamsrv.postcall.cache import ResultCache, cache_key
 from streamsrv.postcall.transcribe import Outcome, PostcallModel
+from streamsrv.postcall.worker_metrics import MetricsEndpoint, WorkerMetrics
+from streamsrv.queue_watch import QueueWatch
 from streamsrv.repositories import Job, JobRepository
 
 log = structlog.get_logger(__name__)
@@ -106,6 +108,9 @@ class Worker:
         self.store = JobStore(settings)
         self.channel = events.Channels(settings.redis_channel_prefix).lifecycle
         self.counts = {"done": 0, "retried": 0, "failed": 0, "lost": 0}
+        self.metrics = WorkerMetrics()
+        self.endpoint: MetricsEndpoint | None = None  # with WORKER_METRICS_PORT
+        self._watch: QueueWatch | None = None
         self._queue: JobRepository | None = None
         self._redis: redis.Redis | None = None
         self._cache: ResultCache | None = None
@@ -123,6 +128,7 @@ class Worker:
             self.settings.redis_url, socket_timeout=5, socket_connect_timeout=5
         )
         self._cache = ResultCache(self._redis, self.settings.result_cache_ttl)
+        await self._serve_metrics()
         log.info(
             "worker_started",
             worker=self.name,
@@ -130,7 +136,29 @@ class Worker:
             concurrency=self.settings.worker_concurrency,
         )
 
+    async def _serve_metrics(self) -> None:
+        """GET /metrics on the worker's own port, and the queue's gauges kept fresh."""
+        s = self.settings
+        if not s.worker_metrics_port:
+            return
+        self.endpoint = MetricsEndpoint(self.metrics)
+        try:
+            await self.endpoint.start(s.worker_metrics_host, s.worker_metrics_port)
+        except OSError as exc:
+            await self.close()
+            raise OSError(
+                f"WORKER_METRICS_PORT {s.worker_metrics_port}: {exc.strerror or exc}"
+                " (each worker process needs a port of its own, or 0 for none)"
+            ) from exc
+        self._watch = QueueWatch(self.queue.overview, on_read=self.metrics.queue_read)
+        self._watch.start()
+        log.info("worker_metrics_listening", host=s.worker_metrics_host, port=self.endpoint.port)
+
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.close()
+        if self.endpoint is not None:
+            await self.endpoint.close()
         if self._redis is not None:
             await self._redis.aclose()
         await self.store.close()
@@ -172,6 +200,9 @@ class Worker:
                 free = s.worker_concurrency - len(self._tasks)
                 claimed = await self.queue.claim(free) if free > 0 else []
                 for job in claimed:
+                    self.metrics.claimed.inc()
+                    if job.reclaimed:
+                        self.metrics.leases_lost.labels("expired").inc()
                     self._spawn(job)
                 if claimed and len(claimed) == free:
                     continue  # there may be more: claim again when a slot frees
@@ -190,8 +221,10 @@ class Worker:
     def _spawn(self, job: Job) -> None:
         task = asyncio.get_running_loop().create_task(self._run_job(job))
         self._tasks[task] = job
+        self.metrics.running.inc()
 
         def done(finished: asyncio.Task[None]) -> None:
+            self.metrics.running.dec()
             self._tasks.pop(finished, None)
             self._changed.set()
 
@@ -219,10 +252,12 @@ class Worker:
             await self._failed_attempt(job, error, bound)
             return
         bound.info("job_claimed", worker=self.name, priority=job.priority)
+        started = time.perf_counter()
         renewing = asyncio.get_running_loop().create_task(self._keep_lease(job))
         try:
             outcome = await self._produce(job)
-            stored = await self.queue.complete(job, outcome)
+            with self.metrics.stage_seconds.labels("write").time():
+                stored = await self.queue.complete(job, outcome)
         except asyncio.CancelledError:
             with contextlib.suppress(*DB_ERRORS):
                 await asyncio.shield(self.queue.release(job))
@@ -236,9 +271,12 @@ class Worker:
             renewing.cancel()
         if not stored:
             self.counts["lost"] += 1
+            self.metrics.leases_lost.labels("taken").inc()
             bound.warning("job_lease_lost", detail="another worker took the job; result dropped")
             return
         self.counts["done"] += 1
+        self.metrics.done.inc()
+        self.metrics.job_seconds.observe(time.perf_counter() - started)
         t = outcome.timings
         bound.info(
             "job_done",
@@ -260,7 +298,8 @@ class Worker:
             )
         )
         if job.conversation:
-            await self._conversation_pass(job.conversation, bound)
+            with self.metrics.stage_seconds.labels("conversation").time():
+                await self._conversation_pass(job.conversation, bound)
 
     async def _conversation_pass(self, conversation: str, bound: Any) -> None:
         """Once every leg's job is done (whichever worker finishes last), the conversation's
@@ -282,11 +321,15 @@ class Worker:
         except DB_ERRORS as exc:  # the lease will expire and the job be taken again
             bound.error("job_status_not_saved", error=repr(exc))
             return
-        if status == "queued":
+        if status is None:
+            self.metrics.leases_lost.labels("taken").inc()
+        elif status == "queued":
             self.counts["retried"] += 1
+            self.metrics.retried.inc()
             bound.info("job_retry", in_seconds=self.queue.backoff(job.attempts), error=error)
         elif status == "failed":
             self.counts["failed"] += 1
+            self.metrics.failed.inc()
             bound.error("job_failed", error=error)
             await self._publish(
                 events.PostcallFailed(
@@ -303,6 +346,7 @@ class Worker:
                     log.warning("job_lease_lost", job_id=job.id, call_id=job.call_id)
                     return
             except DB_ERRORS as exc:
+                self.metrics.leases_lost.labels("renewal_failed").inc()
                 log.warning("lease_renewal_failed", job_id=job.id, error=repr(exc))
 
     async def _produce(self, job: Job) -> Outcome:
@@ -310,7 +354,8 @@ class Worker:
         these settings, else from the model."""
         started = time.perf_counter()
         thread = f"postcall-{job.id}"
-        data, digest = await in_daemon_thread(lambda: read_recording(job.audio_path), thread)
+        with self.metrics.stage_seconds.labels("read").time():
+            data, digest = await in_daemon_thread(lambda: read_recording(job.audio_path), thread)
         key = None
         if self.settings.cache_results:
             assert self._cache is not None
@@ -326,6 +371,7 @@ class Worker:
                 }
                 return self._finish(outcome, job, started, cached=True)
         outcome = await in_daemon_thread(lambda: self.model.process(data, job.language), thread)
+        self.metrics.observe_model(outcome)
         if key is not None:
             assert self._cache is not None
             await self._cache.put(key, outcome.to_json())
