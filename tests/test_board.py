@@ -97,7 +97,7 @@ def open_browser() -> Any:
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(arg)
-    options.add_argument("--window-size=1400,900")
+    options.add_argument("--window-size=1200,700")
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
@@ -158,7 +158,7 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
 ):
     prefix = f"t{secrets.token_hex(4)}:"
     phrases = tmp_path / "phrases.txt"
-    phrases.write_text("en [patience]: thank you for your patience\n")
+    phrases.write_text("en [conference]: unlock the conference\n")
     env = {
         **os.environ, **settings_env, "REDIS_CHANNEL_PREFIX": prefix,
         "ALERT_PHRASES": str(phrases),
@@ -193,12 +193,13 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
                 return browser.find_elements("css selector", "#detail .line[data-kind=final]")
 
             await until(finals_shown, 60, "a final of the opened conversation")
-            if path := os.environ.get("BOARD_SCREENSHOT"):
-                await asyncio.to_thread(browser.save_screenshot, path)
             cut = asyncio.create_task(relay.cut(4.0))  # both legs go on talking meanwhile
             await asyncio.sleep(2.5)
             state = await asyncio.to_thread(lambda: browser.find_element("id", "link").text)
             await cut
+            if path := os.environ.get("BOARD_SCREENSHOT"):
+                await asyncio.sleep(4.0)
+                await asyncio.to_thread(browser.save_screenshot, path)
             await asyncio.gather(*calls)
 
             def both_ended() -> bool:
@@ -250,5 +251,5 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
     }
     assert replaced, "no partial was ever drawn and then replaced by its final"
     marked, listed, entry_class = alert
-    assert "patience" in marked.lower()  # the line that matched, highlighted in the transcript
-    assert "patience" in listed and "alerted" in entry_class  # listed on top, the entry flagged
+    assert "unlock the conference" in marked.lower()  # the matched line, highlighted
+    assert "conference" in listed and "alerted" in entry_class  # listed on top, the entry flagged

@@ -281,7 +281,7 @@ const board = (() => {
     $("no-active").hidden = active.length > 0;
     const running = [...calls.values()].filter((c) => !c.ended).length;
     $("active-count").textContent = "(" + running + ")";
-    $("counts").textContent = running + " active · " + alerts.length + " alerts";
+    $("counts").textContent = running + " active · " + alerts.length + (alerts.length === 1 ? " alert" : " alerts");
     const select = $("language");
     for (const lang of [...languages].sort()) {
       if (![...select.options].some((o) => o.value === lang)) select.append(el("option", { value: lang }, lang));
