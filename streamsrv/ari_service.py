@@ -87,19 +87,24 @@ class AriService:
         log.info("ari_stopped")
 
     async def _follow(self) -> None:
-        attempt = 0
+        attempt = failures = 0
         while True:
+            connected = False
             try:
                 async with self.ari.events() as events:
                     log.info("ari_connected", ari=self.settings.ari_url, app=self.ari.app)
-                    attempt = 0
+                    connected, attempt, failures = True, 0, 0
                     self._spawn(self._sweep())
                     async for event in events:
                         self._dispatch(event, time.monotonic())
                 log.warning("ari_disconnected")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if attempt % 12 == 0:  # the first failure, then about once a minute
-                    log.warning("ari_unreachable", error=repr(exc), attempt=attempt + 1)
+                if connected:  # the stream broke rather than closed
+                    log.warning("ari_disconnected", error=repr(exc))
+                else:
+                    failures += 1
+                    if failures % 12 == 1:  # the first failure, then about once a minute
+                        log.warning("ari_unreachable", error=repr(exc), failures=failures)
             attempt += 1
             await asyncio.sleep(backoff(attempt))
 

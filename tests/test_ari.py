@@ -411,3 +411,29 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     assert "streamsrv-test hangup cause=16" in log
     assert ari.proc is not None and ari.proc.returncode == 0
     assert ari.events("ari_stopped") and not ari.events("ari_watch_failed")
+
+
+@pytest.mark.e2e
+@skip_without_asterisk
+async def test_after_asterisk_restarts_the_next_call_is_watched(
+    settings_env: dict[str, str],
+) -> None:
+    caller_prompts = corpus.pick_prompts(1, 43)
+    agent_prompts = [p for p in corpus.pick_prompts(2, 44) if p not in caller_prompts][:1]
+    extensions = dialplan(caller_prompts, agent_prompts, seconds(caller_prompts) + 2)
+    async with bridged_setup(settings_env, extensions) as (server, asterisk, ari, rest):
+        await asterisk.stop()
+        await ari.wait_event("ari_disconnected")
+        await asterisk.start()
+        await ari.wait_event("ari_connected", count=2)
+        await asterisk.rx("channel originate Local/s@caller extension s@phone")
+        watching = await ari.wait_event("ari_watching")
+        await ari.wait_event("ari_unwatched", within=120)
+        legs = await ended_legs(server, watching["conversation"], 2)
+        bridges = await ari_get(rest, "/bridges")
+        log = asterisk.log
+    assert sorted(leg["role"] for leg in legs) == ["agent", "caller"]
+    assert {leg["call_id"] for leg in legs} == set(watching["legs"].values())
+    assert bridges == []
+    assert f"end linkedid={watching['conversation']} dial=ANSWER playback=SUCCESS" in log
+    assert ari.events("ari_unreachable")  # it did try while Asterisk was away
