@@ -147,7 +147,6 @@ def test_addresses_default_to_the_servers_own_listeners() -> None:
     assert explicit.audiosocket_address == "10.0.0.5:9092"
     assert explicit.streamsrv_url == "http://10.0.0.5:8125"
     assert explicit.token == "t"
-    assert "ari_password" not in repr(Settings(ari_password="secret")).split("ari_user")[1][:40]
     assert "secret" not in repr(Settings(ari_password="secret"))
 
 
