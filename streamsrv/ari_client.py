@@ -8,6 +8,7 @@ WebSocket on the same session (`/ari/events?app=NAME`), one JSON object per mess
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -37,9 +38,8 @@ class AriClient:
 
     @staticmethod
     def session(user: str, password: str) -> aiohttp.ClientSession:
-        auth = aiohttp.encode_basic_auth(user, password)
         return aiohttp.ClientSession(
-            headers={"Authorization": auth},
+            headers={"Authorization": basic_auth(user, password)},
             timeout=aiohttp.ClientTimeout(total=REQUEST_SECONDS),
         )
 
@@ -149,6 +149,11 @@ async def _messages(ws: aiohttp.ClientWebSocketResponse) -> AsyncIterator[dict[s
             event = json.loads(message.data)
             if isinstance(event, dict):
                 yield event
+
+
+def basic_auth(user: str, password: str) -> str:
+    """The Authorization header value of HTTP basic auth (RFC 7617, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def backoff(attempt: int, cap: float = 5.0) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import uuid
@@ -17,7 +18,7 @@ import aiohttp
 import pytest
 
 from streamsrv import corpus
-from streamsrv.ari_client import backoff
+from streamsrv.ari_client import backoff, basic_auth
 from streamsrv.ari_watch import (
     Channel,
     Continue,
@@ -164,6 +165,10 @@ def test_bad_ari_settings_are_named() -> None:
     assert named == {"ARI_URL", "ARI_APP", "ARI_AUDIOSOCKET_ADDRESS", "ARI_LANGUAGE_VARIABLE"}
 
 
+def test_basic_auth_header() -> None:
+    assert basic_auth("Aladdin", "open sesame") == "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+
+
 def test_reconnects_back_off_briefly_and_are_capped() -> None:
     delays = [backoff(n) for n in range(1, 10)]
     assert delays[0] == 0.25 and delays == sorted(delays) and max(delays) == 5.0
@@ -308,7 +313,7 @@ async def bridged_setup(
             await ari.wait_event("ari_connected")
             rest = aiohttp.ClientSession(
                 base_url=f"http://127.0.0.1:{ari_port}",
-                headers={"Authorization": aiohttp.encode_basic_auth(ARI_USER, ARI_PASSWORD)},
+                headers={"Authorization": basic_auth(ARI_USER, ARI_PASSWORD)},
             )
             async with rest:
                 yield server, asterisk, ari, rest
@@ -436,3 +441,48 @@ async def test_after_asterisk_restarts_the_next_call_is_watched(
     assert bridges == []
     assert f"end linkedid={watching['conversation']} dial=ANSWER playback=SUCCESS" in log
     assert ari.events("ari_unreachable")  # it did try while Asterisk was away
+
+
+@pytest.mark.e2e
+@skip_without_asterisk
+async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
+    """Nothing listens where the legs should go (neither AudioSocket nor HTTP): the failure is
+    logged, what was made is torn down, and the call runs its dialplan to its end."""
+    caller_prompts = corpus.pick_prompts(1, 45)
+    extensions = dialplan(caller_prompts, caller_prompts, 1.0)
+    ari_port, closed = free_port(), free_port()
+    asterisk = Asterisk(asterisk_configs(ari_port, extensions))
+    ari = AriProcess(
+        {
+            **os.environ,
+            "LOG_FORMAT": "json",
+            "ARI_URL": f"http://127.0.0.1:{ari_port}",
+            "ARI_USER": ARI_USER,
+            "ARI_PASSWORD": ARI_PASSWORD,
+            "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{closed}",
+            "ARI_STREAMSRV_URL": f"http://127.0.0.1:{closed}",
+        }
+    )
+    try:
+        await asterisk.start()
+        await ari.start()
+        await ari.wait_event("ari_connected")
+        await asterisk.rx("channel originate Local/s@caller extension s@phone")
+        failed = await ari.wait_event("ari_watch_failed")
+        unwatched = await ari.wait_event("ari_unwatched")
+        await until(lambda: "streamsrv-test hangup" in asterisk.log, 60, "the call's end")
+        async with aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{ari_port}",
+            headers={"Authorization": basic_auth(ARI_USER, ARI_PASSWORD)},
+        ) as rest:
+            bridges, channels = await ari_get(rest, "/bridges"), await ari_get(rest, "/channels")
+        log = asterisk.log
+    finally:
+        if ari.proc is not None:
+            await ari.stop()
+        await asterisk.stop()
+        asterisk.remove()
+    assert failed["channel"].startswith("Local/s@caller-") and unwatched["why"] == "setup failed"
+    assert ari.events("ari_context_failed")  # logged, and the leg was tried without it
+    assert bridges == [] and channels == []
+    assert "dial=ANSWER playback=SUCCESS" in log and "streamsrv-test hangup cause=16" in log
