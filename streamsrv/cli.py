@@ -1,4 +1,4 @@
-"""Command line: serve, migrate, check-config, demo, worker."""
+"""Command line: serve, migrate, check-config, demo, worker, ari."""
 
 from __future__ import annotations
 
@@ -119,6 +119,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ari(args: argparse.Namespace) -> int:
+    """Both directions of the calls that enter the Stasis app, to streamsrv (until SIGTERM)."""
+    from streamsrv.ari_service import AriService
+
+    settings = _settings(args.env_file)
+    _run(AriService(settings).run())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamsrv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     with_env(p)
     p.add_argument("--drain", action="store_true", help="exit 0 once the queue is empty")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "ari", help="snoop both directions of calls in the ARI_APP Stasis app into streamsrv"
+    )
+    with_env(p)
+    p.set_defaults(func=cmd_ari)
 
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,14 @@ class Settings:
     cache_results: bool = _var("CACHE_RESULTS", True, _bool)
     result_cache_ttl: int = _var("RESULT_CACHE_TTL", 3600, int)
     max_upload_bytes: int = _var("MAX_UPLOAD_BYTES", 100_000_000, int)
+    # `streamsrv ari`: both directions of bridged calls through Asterisk's REST Interface
+    ari_url: str = _var("ARI_URL", "http://127.0.0.1:8088")
+    ari_user: str = _var("ARI_USER", "streamsrv")
+    ari_password: str = _var("ARI_PASSWORD", "", secret=True)
+    ari_app: str = _var("ARI_APP", "streamsrv")
+    ari_audiosocket_address: str = _var("ARI_AUDIOSOCKET_ADDRESS", "")
+    ari_streamsrv_url: str = _var("ARI_STREAMSRV_URL", "")
+    ari_language_variable: str = _var("ARI_LANGUAGE_VARIABLE", "STREAMSRV_LANGUAGE")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -207,6 +216,7 @@ class Settings:
             for n in ("audiosocket_port", "http_port")
         ]
         checks = [*ports, *_live_checks(self), *_service_checks(self), *_postcall_checks(self)]
+        checks += _ari_checks(self)
         return [message for ok, message in checks if not ok]
 
     @property
@@ -411,6 +421,29 @@ def _postcall_checks(s: Settings) -> list[tuple[bool, str]]:
         (
             0 < s.language_detect_probability < 1,
             "LANGUAGE_DETECT_PROBABILITY: between 0 and 1",
+        ),
+    ]
+
+
+def _ari_checks(s: Settings) -> list[tuple[bool, str]]:
+    host, _, port = s.ari_audiosocket_address.rpartition(":")
+    return [
+        (s.ari_url.startswith(("http://", "https://")), "ARI_URL: must start with http(s)://"),
+        (
+            re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", s.ari_app) is not None,
+            "ARI_APP: 1 to 64 of A-Z a-z 0-9 _ . -",
+        ),
+        (
+            not s.ari_audiosocket_address or (bool(host) and port.isdigit()),
+            "ARI_AUDIOSOCKET_ADDRESS: HOST:PORT, or empty for AUDIOSOCKET_HOST:AUDIOSOCKET_PORT",
+        ),
+        (
+            not s.ari_streamsrv_url or s.ari_streamsrv_url.startswith(("http://", "https://")),
+            "ARI_STREAMSRV_URL: must start with http(s)://, or be empty for HTTP_HOST:HTTP_PORT",
+        ),
+        (
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", s.ari_language_variable) is not None,
+            "ARI_LANGUAGE_VARIABLE: a channel variable name",
         ),
     ]
 

@@ -25,6 +25,7 @@ from streamsrv.systemd import Notifier
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "streamsrv.service"
 WORKER_UNIT = ROOT / "systemd" / "streamsrv-worker.service"
+ARI_UNIT = ROOT / "systemd" / "streamsrv-ari.service"
 BINARY = "/opt/streamsrv/.venv/bin/streamsrv"
 EXEC_START = f"ExecStart={BINARY} serve"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes including the terminating NUL
@@ -268,7 +269,7 @@ def _verify_problems(unit: Path) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT], ids=lambda unit: unit.name)
+@pytest.mark.parametrize("unit", [UNIT, WORKER_UNIT, ARI_UNIT], ids=lambda unit: unit.name)
 def test_unit_files_verify_cleanly(tmp_path: Path, unit: Path) -> None:
     copy = _testable_copy(unit.read_text(), tmp_path, unit.name)
     assert _verify_problems(copy) == []

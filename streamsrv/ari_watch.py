@@ -1,0 +1,202 @@
+"""What `streamsrv ari` does with a call, without I/O: which legs, which roles, which context,
+and which ARI events start or end the watch of a channel.
+
+A channel that enters the Stasis application (ARI_APP) is watched: it is sent on in the
+dialplan at once, and two legs are set up beside it, each a snoop channel (`spy=in`: what the
+channel sends, role `caller`; `spy=out`: what it hears, role `agent`) in a mixing bridge with
+an externalMedia channel that streams the snooped audio to streamsrv's AudioSocket port as a
+call of its own (a fresh UUID). The ids of everything made for a watch are chosen here, before
+any request, and start with `<app>-`: so the StasisStart of our own channels is known for what
+it is, even when it comes before the reply that created them, and a cleanup knows every id
+whether or not its setup got that far.
+
+A watch ends at the first of: the watched channel hanging up, or any of its snoop or
+externalMedia channels ending (the snoops end with the channel they hear; an externalMedia
+channel ends when streamsrv closes its socket).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamsrv.config import Settings
+
+SPIES = (("in", "caller"), ("out", "agent"))  # snoop direction -> role of that leg
+ENDING = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    app: str
+    audiosocket_address: str  # host:port of streamsrv's AudioSocket, as Asterisk reaches it
+    streamsrv_url: str  # streamsrv's HTTP, as `streamsrv ari` reaches it
+    language_variable: str
+    token: str  # HTTP_TOKEN: the bearer token of context posts, "" for none
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WatchConfig:
+        return cls(
+            app=settings.ari_app,
+            audiosocket_address=settings.ari_audiosocket_address
+            or f"{_reachable(settings.audiosocket_host)}:{settings.audiosocket_port}",
+            streamsrv_url=(
+                settings.ari_streamsrv_url
+                or f"http://{_reachable(settings.http_host)}:{settings.http_port}"
+            ).rstrip("/"),
+            language_variable=settings.ari_language_variable,
+            token=settings.http_token,
+        )
+
+
+def _reachable(host: str) -> str:
+    """A listening address as a client dials it: a wildcard means this host."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.is_unspecified:
+        return "127.0.0.1" if address.version == 4 else "[::1]"
+    return f"[{host}]" if address.version == 6 else host
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One direction of a watched channel and the ids of what carries it to streamsrv."""
+
+    spy: str  # in, out
+    role: str
+    call_id: str  # the AudioSocket call id streamsrv knows the leg by
+    bridge_id: str
+    snoop_id: str
+    media_id: str
+
+
+@dataclass(frozen=True)
+class Channel:
+    """What the watch needs to know of the watched channel (from its StasisStart)."""
+
+    id: str
+    name: str
+    caller_number: str | None
+
+    @classmethod
+    def from_event(cls, channel: dict[str, Any]) -> Channel:
+        caller = channel.get("caller") or {}
+        return cls(str(channel["id"]), str(channel.get("name", "")), caller.get("number") or None)
+
+
+def plan_legs(app: str, channel_id: str, new_uuid: Callable[[], uuid.UUID]) -> tuple[Leg, ...]:
+    legs = []
+    for spy, role in SPIES:
+        call_id = str(new_uuid())
+        stem = f"{app}-{spy}-{call_id}"
+        legs.append(Leg(spy, role, call_id, f"{stem}-bridge", f"{stem}-snoop", f"{stem}-media"))
+    return tuple(legs)
+
+
+def leg_context(
+    leg: Leg, channel: Channel, linkedid: str | None, language: str | None
+) -> dict[str, Any]:
+    """The JSON body of POST /calls/<leg.call_id>/context (streamsrv.context)."""
+    context: dict[str, Any] = {"role": leg.role}
+    if language:
+        context["language"] = language.strip().lower()
+    if linkedid:
+        context["conversation"] = linkedid
+    if channel.caller_number:
+        context["caller"] = channel.caller_number
+    context["tags"] = {"channel": channel.name, "uniqueid": channel.id, "spy": leg.spy}
+    return context
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Start watching this channel: continue it, then set up its legs."""
+
+    channel: Channel
+    legs: tuple[Leg, ...]
+
+
+@dataclass(frozen=True)
+class Continue:
+    """A channel already watched entered Stasis again: only send it on."""
+
+    channel_id: str
+
+
+@dataclass(frozen=True)
+class Entered:
+    """One of our snoop or externalMedia channels is in the app: it may join its bridge now
+    (a channel is in Stasis only once its StasisStart is out, not when its creation returns)."""
+
+    channel_id: str
+
+
+@dataclass(frozen=True)
+class Unwatch:
+    """Tear down what a watch made (the watched channel itself is never touched)."""
+
+    channel_id: str
+    legs: tuple[Leg, ...]
+    why: str
+
+
+Decision = Watch | Continue | Entered | Unwatch
+
+
+@dataclass
+class Watches:
+    """The watched channels and the ids of what was made for them; events in, decisions out."""
+
+    app: str
+    new_uuid: Callable[[], uuid.UUID] = uuid.uuid4
+    _legs: dict[str, tuple[Leg, ...]] = field(default_factory=dict)  # watched id -> legs
+    _owner: dict[str, str] = field(default_factory=dict)  # our channel id -> watched id
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    def watched(self) -> list[str]:
+        return list(self._legs)
+
+    def is_own(self, channel_id: str) -> bool:
+        return channel_id.startswith(f"{self.app}-")
+
+    def on_event(self, event: dict[str, Any]) -> Decision | None:
+        kind = event.get("type")
+        channel = event.get("channel")
+        if not isinstance(channel, dict) or "id" not in channel:
+            return None
+        channel_id = str(channel["id"])
+        if kind == "StasisStart":
+            if event.get("application", self.app) != self.app:
+                return None
+            if self.is_own(channel_id):
+                return Entered(channel_id) if channel_id in self._owner else None
+            if channel_id in self._legs:
+                return Continue(channel_id)
+            legs = plan_legs(self.app, channel_id, self.new_uuid)
+            self._legs[channel_id] = legs
+            for leg in legs:
+                self._owner[leg.snoop_id] = self._owner[leg.media_id] = channel_id
+            return Watch(Channel.from_event(channel), legs)
+        if kind in ENDING:
+            if channel_id in self._owner:
+                return self.forget(self._owner[channel_id], f"{kind} of {channel_id}")
+            if channel_id in self._legs and kind != "StasisEnd":  # StasisEnd: we sent it on
+                return self.forget(channel_id, f"{kind} of the watched channel")
+        return None
+
+    def forget(self, channel_id: str, why: str) -> Unwatch | None:
+        """End a watch (at most once): what is to be torn down, or None if not watched."""
+        legs = self._legs.pop(channel_id, None)
+        if legs is None:
+            return None
+        for leg in legs:
+            self._owner.pop(leg.snoop_id, None)
+            self._owner.pop(leg.media_id, None)
+        return Unwatch(channel_id, legs, why)
