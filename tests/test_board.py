@@ -253,3 +253,50 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
     marked, listed, entry_class = alert
     assert "unlock the conference" in marked.lower()  # the matched line, highlighted
     assert "conference" in listed and "alerted" in entry_class  # listed on top, the entry flagged
+
+
+async def test_the_board_stays_usable_with_200_running_calls(settings_env):
+    """200 calls (published through a real server's publisher into Redis, without the model),
+    each with its context and a final, partials flowing: all are listed, search finds one by
+    its caller, and it opens large."""
+    from tests.e2e import make_settings, running_server
+    from tests.test_events_feed import NO_MODEL, Emitter, final, partial, started
+
+    settings = make_settings(settings_env, **NO_MODEL)
+    async with running_server(settings) as server:
+        calls = [Emitter(server, str(uuid.uuid4())) for _ in range(200)]
+        for n, call in enumerate(calls):
+            context = {"role": "caller", "caller": f"+2547{n:08d}", "queue": f"q{n % 7}"}
+            server.publisher.emit(started(call.call_id, context), 1)
+            server.publisher.emit(final(call.call_id, 0, f"sentence number {n}"), 2)
+            call.seq = 2
+        await calls[-1].emit()
+        browser = await asyncio.to_thread(open_browser)
+        try:
+            await asyncio.to_thread(browser.get, f"http://127.0.0.1:{server.http_port}/")
+
+            def listed() -> int:
+                return len(browser.find_elements("css selector", "#active li"))
+
+            await until(lambda: listed() == 200, 30, "200 running calls")
+            for round_ in range(5):  # every call speaks again, as 200 live calls do
+                for n, call in enumerate(calls):
+                    call.seq += 1
+                    text = f"still talking {round_} {n}"
+                    server.publisher.emit(partial(call.call_id, 1, text), call.seq)
+                await calls[-1].emit()
+                await asyncio.sleep(0.5)
+            search = await asyncio.to_thread(browser.find_element, "id", "search")
+            await asyncio.to_thread(search.send_keys, "+254700000137")
+            await until(lambda: listed() == 1, 10, "one call found by its caller")
+            await asyncio.to_thread(browser.find_element("css selector", "#active li").click)
+
+            def opened() -> str:
+                return str(browser.find_element("id", "detail").text)
+
+            detail = await until(lambda: "sentence number 137" in opened() and opened(), 10, "it")
+            stats = await asyncio.to_thread(browser.execute_script, "return board.stats")
+        finally:
+            await asyncio.to_thread(browser.quit)
+    assert "+254700000137" in detail and "q4" in detail  # 137 % 7 == 4
+    print(f"board with 200 calls: {stats}")  # draw cost, for benchmarks/RESULTS.md

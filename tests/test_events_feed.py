@@ -63,6 +63,7 @@ class Emitter:
         self.seq = 0
 
     async def emit(self, *items: events.Event) -> None:
+        """Publish the events (none: only wait for what is queued)."""
         for event in items:
             self.seq += 1
             self.server.publisher.emit(event, self.seq)

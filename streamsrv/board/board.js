@@ -11,6 +11,9 @@ const board = (() => {
   let source = null;
   let lastEventId = "";
   let drawQueued = false;
+  const DRAW_EVERY_MS = 150; // at most ~7 redraws a second, however busy the calls are
+  const ENDED_KEPT = 300; // ended calls the page remembers
+  const stats = { draws: 0, lastDrawMs: 0, maxDrawMs: 0 };
   const $ = (id) => document.getElementById(id);
 
   function el(tag, attrs, ...children) {
@@ -105,8 +108,13 @@ const board = (() => {
     dirty.add(id);
     if (!drawQueued) {
       drawQueued = true;
-      requestAnimationFrame(draw);
+      setTimeout(() => requestAnimationFrame(draw), DRAW_EVERY_MS);
     }
+  }
+
+  function forgetOldCalls() {
+    const ended = [...calls.values()].filter((c) => c.ended).sort((a, b) => b.endedAt - a.endedAt);
+    for (const c of ended.slice(ENDED_KEPT)) if (c.id !== opened) calls.delete(c.id);
   }
 
   // -- the feed ------------------------------------------------------------------------------
@@ -257,8 +265,10 @@ const board = (() => {
   }
 
   function draw() {
+    const began = performance.now();
     drawQueued = false;
     dirty.clear();
+    forgetOldCalls();
     const groups = new Map();
     for (const c of calls.values()) {
       const g = groupOf(c);
@@ -287,6 +297,9 @@ const board = (() => {
       if (![...select.options].some((o) => o.value === lang)) select.append(el("option", { value: lang }, lang));
     }
     drawDetail();
+    stats.draws += 1;
+    stats.lastDrawMs = performance.now() - began;
+    stats.maxDrawMs = Math.max(stats.maxDrawMs, stats.lastDrawMs);
   }
 
   function drawDetail() {
@@ -383,5 +396,5 @@ const board = (() => {
   }
 
   document.addEventListener("DOMContentLoaded", start);
-  return { calls, alerts, open, get source() { return source; } };
+  return { calls, alerts, open, stats, get source() { return source; } };
 })();
