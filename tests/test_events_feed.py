@@ -255,3 +255,20 @@ def test_a_follower_gets_only_the_calls_it_asked_for(calls: frozenset[str] | Non
         follower.offer(Message("{}", {"call_id": call, "seq": 1}))
     got = [follower.queue.get_nowait().call_id for _ in range(follower.queue.qsize())]  # type: ignore[union-attr]
     assert got == (["a", "b"] if calls is None else ["b"])
+
+
+async def test_a_board_on_one_server_shows_the_calls_of_another_sharing_the_redis(settings_env):
+    first = make_settings(settings_env, **NO_MODEL)
+    second = make_settings(
+        {**settings_env, "SPOOL_DIR": settings_env["SPOOL_DIR"] + "-2"},
+        **NO_MODEL,
+        REDIS_CHANNEL_PREFIX=first.redis_channel_prefix,
+    )
+    async with running_server(first) as here, running_server(second) as there:
+        elsewhere = Emitter(there, str(uuid.uuid4()))
+        await elsewhere.emit(started(elsewhere.call_id), final(elsewhere.call_id, 0, "over there"))
+        async with SseReader(url(here)) as reader:
+            await reader.wait_for(2)
+            await elsewhere.emit(final(elsewhere.call_id, 1, "and on"))
+            await reader.wait_for(3)
+    assert texts(reader.messages(elsewhere.call_id)) == ["over there", "and on"]
