@@ -81,6 +81,9 @@ class Match:
     end: int
 
 
+_CASEFOLD_MARKS = re.compile(r"[^\w ]+")
+
+
 class Words:
     """A text as the rules see it: its words normalised, found by the regular expression engine
     in a few passes over the whole text; where each word is in the text is worked out only for
@@ -90,7 +93,9 @@ class Words:
     def __init__(self, text: str) -> None:
         self.text = text[:MAX_TEXT_CHARS]
         self.normalised = " ".join(_PLAIN_WORD.findall(self.text.translate(_APOSTROPHES)))
-        self.normalised = self.normalised.casefold()
+        # Casefolding can make a mark that is no word character ("İ" -> "i" + U+0307), which a
+        # \b would take for the end of a word: such marks are dropped, the words stay whole.
+        self.normalised = _CASEFOLD_MARKS.sub("", self.normalised.casefold())
         self.tokens = tuple(self.normalised.split(" ")) if self.normalised else ()
 
     @functools.cached_property
