@@ -58,6 +58,7 @@ def row(shape: str, n: int, r: LiveResult) -> dict[str, str]:
         "CPU s per audio s": report.num(r.cpu_per_audio_s, 3),
         "model s": report.num(r.model_seconds, 1),
         "partials (shed)": f"{r.partials} ({r.partials_shed})",
+        "CPU s per partial+final": report.num(r.server_cpu_s / max(1, r.partials + r.finals), 3),
         "word lag p50 / p95 s": f"{report.num(r.word_lag_p50)} / {report.num(r.word_lag_p95)}",
         "final lag p95 s": report.num(r.final_lag_p95),
         "WER live / offline": f"{100 * r.final_wer:.1f}% / {100 * r.offline_wer:.1f}%",
