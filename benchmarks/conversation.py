@@ -76,7 +76,7 @@ def summary(n: int, results: list[LiveResult]) -> str:
     rows = [row(shape, n, r) for shape, r in zip(SHAPES, results, strict=True)]
     return (
         f"{report.table(rows)}\n\n"
-        f"Second leg, per call: {leg / n:+.2f} CPU s ({100 * leg / one.server_cpu_s:+.0f}%), of "
-        f"which model batches {model / n:+.2f} s wall; being one conversation instead of two "
+        f"Second leg, per call: {leg / n:+.2f} CPU s ({100 * leg / one.server_cpu_s:+.0f}%), "
+        f"model batches {model / n:+.2f} s wall; being one conversation instead of two "
         f"calls: {merge / n:+.2f} CPU s per call ({100 * merge / separate.server_cpu_s:+.1f}%)."
     )
