@@ -1,16 +1,17 @@
-"""`python -m benchmarks [all|live|burst|sweep|ingest]`: see benchmarks/RESULTS.md for what each
-figure means. With no arguments (`make bench`): the default sweep (each count staggered and as
-a burst), then the default ingest."""
+"""`python -m benchmarks [all|live|burst|sweep|ingest|languages|conversation]`: see
+benchmarks/RESULTS.md for what each figure means. With no arguments (`make bench`): the default
+sweep (each count staggered and as a burst), then the default ingest."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from benchmarks import calls as bc
+from benchmarks import conversation, languages, report
 from benchmarks import harness as h
-from benchmarks import report
 from benchmarks.ingest import IngestResult, run_ingest
 from benchmarks.live import LiveResult, run_live
 from benchmarks.offline import OfflineTranscriber
@@ -76,6 +77,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ingest.add_argument("--calls", type=int, default=DEFAULT_INGEST_CALLS)
     ingest.add_argument("--procs", type=int, help="client processes (default: 1 per 100 calls)")
     _common(ingest, DEFAULT_INGEST_SECONDS)
+
+    langs = sub.add_parser(
+        "languages", help="English and Spanish calls at once (base model): WER per language"
+    )
+    langs.add_argument("--per-language", type=int, default=2, help="calls in each language")
+    langs.add_argument("--how", choices=languages.HOWS, action="append", help="default: both")
+    _common(langs, 30.0)
+
+    conv = sub.add_parser("conversation", help="N one-leg calls against N two-leg conversations")
+    conv.add_argument("--calls", type=int, default=2, help="calls (conversations) per shape")
+    _common(conv, DEFAULT_SECONDS)
 
     everything = sub.add_parser("all", help=f"sweep {DEFAULT_SWEEP} x 60 s, ingest 300 x 30 s")
     everything.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
@@ -155,6 +167,11 @@ def ingest_settings(env: dict[str, str], env_file: Path) -> Settings:
     return h.bench_settings({"DEFAULT_PROCESSING_MODE": "postcall_only", **env}, env_file)
 
 
+def load_note(before: float) -> str:
+    """Other load on the machine during a run (its lags suffer first; CPU seconds less)."""
+    return f"Load average (1 min): {before:.2f} before, {os.getloadavg()[0]:.2f} after."
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     env = h.parse_env_args(args.env)
@@ -192,6 +209,31 @@ def main(argv: list[str]) -> int:
         body = report.table([report.ingest_row(ingest)])
         print(body)
         blocks.append((f"ingest, {calls} calls", body, ingest_settings(env, args.env_file)))
+    if args.command == "languages":
+        load = os.getloadavg()[0]
+        offline = OfflineTranscriber()  # one model and cache: both runs play the same audio
+        runs = {
+            how: languages.run_languages(
+                how, args.per_language, args.seconds, args.seed, env, offline, args.env_file
+            )
+            for how in args.how or languages.HOWS
+        }
+        results += runs.values()
+        body = f"{languages.summary(runs)}\n\n{load_note(load)}"
+        print(body)
+        title = f"languages, {args.per_language} call(s) each of {', '.join(languages.LANGUAGES)}"
+        blocks.append((title, body, h.bench_settings(languages.server_env(env), args.env_file)))
+    if args.command == "conversation":
+        load = os.getloadavg()[0]
+        offline = OfflineTranscriber()
+        shapes = conversation.run_conversations(
+            args.calls, args.seconds, args.seed, env, offline, args.env_file
+        )
+        results += shapes
+        body = f"{conversation.summary(args.calls, shapes)}\n\n{load_note(load)}"
+        print(body)
+        title = f"conversation, {args.calls} call(s) per shape"
+        blocks.append((title, body, h.bench_settings(env, args.env_file)))
     if args.record:
         for title, body, settings in blocks:
             report.record(title, body, settings)

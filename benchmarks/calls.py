@@ -38,6 +38,7 @@ class BenchCall:
     prompts: list[str]
     pcm: bytes  # 16-bit little-endian mono at 8 kHz
     utterances: list[RefUtterance]  # speech spans (prompt silence trimmed) and texts
+    language: str = "en"  # what the prompts are spoken in
 
     @property
     def seconds(self) -> float:
@@ -65,23 +66,31 @@ def speech_span(pcm: bytes, start: float, end: float) -> tuple[float, float]:
 
 
 def build_bench_call(
-    seed: int, seconds: float, pause: float = 1.0, prompts: int | None = None
+    seed: int,
+    seconds: float,
+    pause: float = 1.0,
+    prompts: int | None = None,
+    language: str = "en",
+    also_in: tuple[str, ...] = (),
 ) -> BenchCall:
     """Corpus prompts in a seed-dependent order with `pause` s between them: until about
-    `seconds` of audio, or exactly `prompts` of them (a short call of a burst)."""
-    names = corpus.pick_prompts(len(corpus.spoken_prompts()), seed)
+    `seconds` of audio, or exactly `prompts` of them (a short call of a burst). Spoken in
+    `language`, chosen among the prompts recorded in it and in `also_in` too: the same seed is
+    then the same sentences in each of these languages."""
+    shared = tuple(sorted({language, *also_in} - {"en"}))
+    names = corpus.pick_prompts(len(corpus.spoken_prompts(also_in=shared)), seed, also_in=shared)
     chosen: list[str] = []
     total = pause
     for name in names:
         if chosen and (len(chosen) == prompts if prompts else total >= seconds):
             break
         chosen.append(name)
-        total += len(corpus.read_prompt(name)) / 2 / RATE + pause
-    call = corpus.build_call(chosen, pause=pause, seed=seed)
+        total += len(corpus.read_prompt(name, language)) / 2 / RATE + pause
+    call = corpus.build_call(chosen, pause=pause, seed=seed, language=language)
     utterances = [
         RefUtterance(u.text, *speech_span(call.pcm, u.start, u.end)) for u in call.utterances
     ]
-    return BenchCall(seed, chosen, call.pcm, utterances)
+    return BenchCall(seed, chosen, call.pcm, utterances, language)
 
 
 def synthetic_pcm(seconds: float, seed: int) -> bytes:

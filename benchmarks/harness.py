@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,14 @@ class ServerProcess:
 
 def http_get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
+        body: bytes = response.read()
+        return body.decode()
+
+
+def http_post(url: str, fields: dict[str, str], timeout: float = 5.0) -> str:
+    """POST `fields` form-encoded, as Asterisk's CURL() does; an error status raises."""
+    data = urllib.parse.urlencode(fields).encode()
+    with urllib.request.urlopen(url, data=data, timeout=timeout) as response:
         body: bytes = response.read()
         return body.decode()
 

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from benchmarks import calls as bc
 from benchmarks import harness as h
 from benchmarks import lag
 from benchmarks.offline import OfflineTranscriber
+from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.wer import corpus_wer
 
 BATCH = "streamsrv_inference_batch_size"
+MODEL_TIME = "streamsrv_inference_batch_duration_seconds_sum"
 
 # The bar a concurrency level must hold (DESIGN.md, "Quality bars").
 WORD_LAG_P95_MAX = 2.0
@@ -55,6 +60,7 @@ class LiveResult(h.ServerFigures):
     finals: int
     partials_shed: int
     batch_size_mean: float
+    model_seconds: float  # wall time of the model's batches, all calls together
     delivery_p95: float  # Redis arrival - emitted_at: what the collector adds to every lag
     client_late_p99_ms: float
     calls_not_ended: int
@@ -62,6 +68,7 @@ class LiveResult(h.ServerFigures):
     jobs_written: int  # post-call jobs the server wrote during the run
     stagger: float  # calls started at random within this many seconds
     prompts: int | None = None  # a burst: calls of this many prompts each instead of `seconds`
+    conversation_finals: int = 0  # finals published again on the calls' conversation channels
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -94,8 +101,13 @@ def call_seed(seed: int, index: int) -> int:
 
 
 async def _play_and_collect(
-    server: h.ServerProcess, calls: list[bc.BenchCall], seed: int, stagger: float
+    server: h.ServerProcess,
+    calls: list[bc.BenchCall],
+    seed: int,
+    stagger: float,
+    contexts: list[dict[str, str]],
 ) -> tuple[list[bc.Played], bc.Collector, h.Snapshot, h.Snapshot, float, int]:
+    """Each call's context (if not empty) is posted before it connects, as the dialplan does."""
     s = server.settings
     host, port = s.audiosocket_host, s.audiosocket_port
     async with bc.Collector(s.redis_url, s.redis_channel_prefix) as collector:
@@ -103,14 +115,18 @@ async def _play_and_collect(
         played_warm = await bc.play(host, port, bc.encode_frames(warm.pcm))
         await collector.wait_ended([played_warm.call_id], within=60)
         before = server.snapshot()
+        ids = [str(uuid.uuid4()) for _ in calls]
+        for call_id, context in zip(ids, contexts, strict=True):
+            if context:
+                url = server.url(f"/calls/{call_id}/context")
+                await asyncio.to_thread(h.http_post, url, context)
         delays = bc.stagger(len(calls), seed, within=stagger)
         played = await asyncio.gather(
             *(
-                bc.play(host, port, bc.encode_frames(c.pcm), delay=d)
-                for c, d in zip(calls, delays, strict=True)
+                bc.play(host, port, bc.encode_frames(c.pcm), call_id, delay=d)
+                for c, d, call_id in zip(calls, delays, ids, strict=True)
             )
         )
-        ids = [p.call_id for p in played]
         await collector.wait_ended(ids, within=120 + stagger + max(c.seconds for c in calls))
         after = server.snapshot()
         rss = server.peak_rss_mb()
@@ -134,14 +150,44 @@ def run_live(
     calls = [
         bc.build_bench_call(call_seed(seed, i), seconds, prompts=prompts) for i in range(n_calls)
     ]
+    return run_calls(calls, seconds, seed, env, offline, env_file, stagger, prompts)
+
+
+def conversation_finals(settings: Settings, contexts: list[dict[str, str]]) -> int:
+    """Finals kept in the streams of the conversations the calls' contexts name."""
+    names = {c["conversation"] for c in contexts if "conversation" in c}
+    channels = events.Channels(settings.redis_channel_prefix)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return sum(int(client.xlen(channels.conversation_stream(n))) for n in names)
+    finally:
+        client.close()
+
+
+def run_calls(
+    calls: list[bc.BenchCall],
+    seconds: float,
+    seed: int,
+    env: dict[str, str],
+    offline: OfflineTranscriber,
+    env_file: Path = h.DEFAULT_ENV_FILE,
+    stagger: float = bc.STAGGER_SECONDS,
+    prompts: int | None = None,
+    contexts: list[dict[str, str]] | None = None,
+) -> LiveResult:
+    """`calls` played into a fresh server and measured, each posted its context first (if
+    any); the offline baseline transcribes each in its own language."""
+    contexts = contexts or [{} for _ in calls]
+    n_calls = len(calls)
     server = h.ServerProcess(env, env_file)
     with server:
         played, collector, before, after, rss, not_ended = asyncio.run(
-            _play_and_collect(server, calls, seed, stagger)
+            _play_and_collect(server, calls, seed, stagger, contexts)
         )
         model = str(server.health.get("model_name", ""))
         settings: Settings = server.settings
         recorded = bc.recorded_seconds(server.recordings, {p.call_id for p in played})
+        merged = conversation_finals(settings, contexts)
 
     word_lags: list[float | None] = []
     final_lags: list[float | None] = []
@@ -149,7 +195,7 @@ def run_live(
     offline_pairs: list[tuple[str, str]] = []
     per_call: list[dict[str, Any]] = []
     postcall_only = 0
-    for call, p in zip(calls, played, strict=True):
+    for call, p, context in zip(calls, played, contexts, strict=True):
         messages = collector.by_call.get(p.call_id, [])
         mode = next((m["processing_mode"] for _, m in messages if m["type"] == "call_started"), "")
         if mode == "postcall_only":
@@ -160,7 +206,7 @@ def run_live(
         w = lag.word_lags(words, messages)
         f = lag.final_lags(call.utterances, messages, p.clock)
         text = lag.finals_text(messages)
-        offline_text = offline.transcribe(call.pcm, settings)
+        offline_text = offline.transcribe(call.pcm, settings, call.language)
         word_lags += w
         final_lags += f
         pairs.append((call.reference, text))
@@ -170,6 +216,8 @@ def run_live(
                 "call_id": p.call_id,
                 "seed": call.seed,
                 "seconds": call.seconds,
+                "language": call.language,
+                "context": context,
                 "reference": call.reference,
                 "finals": text,
                 "offline": offline_text,
@@ -215,6 +263,7 @@ def run_live(
         finals=kinds.count("final"),
         partials_shed=int(h.delta(before, after, "streamsrv_partials_shed_total")),
         batch_size_mean=h.histogram_mean(before, after, BATCH),
+        model_seconds=h.delta(before, after, MODEL_TIME),
         delivery_p95=lag.percentile([at - m["emitted_at"] for at, m in arrivals], 95),
         client_late_p99_ms=bc.lateness_summary([x for p in played for x in p.lateness])["p99_ms"],
         calls_not_ended=not_ended,
@@ -222,5 +271,6 @@ def run_live(
         jobs_written=int(h.delta(before, after, "streamsrv_postcall_jobs_total")),
         stagger=stagger,
         prompts=prompts,
+        conversation_finals=merged,
         per_call=per_call,
     )

@@ -38,8 +38,9 @@ class OfflineTranscriber:
             )
         return self._models[key], "|".join(map(str, key))
 
-    def transcribe(self, pcm8k: bytes, settings: Settings) -> str:
-        """Text of 8 kHz 16-bit PCM, resampled to 16 kHz with soxr as the server does."""
+    def transcribe(self, pcm8k: bytes, settings: Settings, language: str = "en") -> str:
+        """Text of 8 kHz 16-bit PCM in `language`, resampled to 16 kHz with soxr as the server
+        does."""
         import soxr
 
         model, model_key = self._model(settings)
@@ -47,13 +48,14 @@ class OfflineTranscriber:
             model_key,
             str(settings.final_beam(settings.device)),
             str(settings.condition_on_previous_text),
+            language,
             hashlib.sha1(pcm8k).hexdigest(),
         )
         if key not in self._cache:
             audio = np.frombuffer(pcm8k, dtype="<i2").astype(np.float32) / 32768
             segments, _info = model.transcribe(  # type: ignore[attr-defined]
                 soxr.resample(audio, 8000, 16000),
-                language="en",
+                language=language,
                 beam_size=settings.final_beam(settings.device),
                 vad_filter=True,
                 condition_on_previous_text=settings.condition_on_previous_text,

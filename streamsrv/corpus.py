@@ -106,12 +106,22 @@ def build_call(
     return RecordedCall(np.clip(pcm, -32768, 32767).astype("<i2").tobytes(), utterances)
 
 
-def spoken_prompts(min_words: int = 4, max_words: int = 30) -> list[str]:
-    """Prompts of a useful length for calls, in the order of the texts file."""
-    return [name for name, text in texts().items() if min_words <= len(text.split()) <= max_words]
+def spoken_prompts(
+    min_words: int = 4, max_words: int = 30, also_in: tuple[str, ...] = ()
+) -> list[str]:
+    """Prompts of a useful length (in English words) for calls, in the order of the texts file;
+    with `also_in`, only those recorded in those languages too (the same content in each)."""
+    others = [texts(language) for language in also_in]
+    return [
+        name
+        for name, text in texts().items()
+        if min_words <= len(text.split()) <= max_words and all(name in o for o in others)
+    ]
 
 
-def pick_prompts(count: int, seed: int, min_words: int = 4, max_words: int = 30) -> list[str]:
+def pick_prompts(
+    count: int, seed: int, min_words: int = 4, max_words: int = 30, also_in: tuple[str, ...] = ()
+) -> list[str]:
     """A reproducible choice of spoken prompts of a useful length."""
-    candidates = sorted(spoken_prompts(min_words, max_words))
+    candidates = sorted(spoken_prompts(min_words, max_words, also_in))
     return random.Random(seed).sample(candidates, count)

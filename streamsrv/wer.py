@@ -1,6 +1,7 @@
 """Word error rate with the usual normalisation, so that only recognition errors count.
 
-Case and punctuation are dropped, hyphens split words, single digits are written out ("press 1"
+Case, punctuation and accents are dropped (the Spanish prompt texts are written without them:
+"lider" for "líder"), hyphens split words, single digits are written out ("press 1"
 and "press one" are the same words), and a run of three or more single letters is one token
 (an acronym spelled "m i s d n" or written "MISDN").
 """
@@ -8,13 +9,20 @@ and "press one" are the same words), and a run of three or more single letters i
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _WORD = re.compile(r"[a-z0-9']+")
 _DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+def fold_accents(text: str) -> str:
+    """ "Líder, contraseña" -> "Lider, contrasena": letters without their combining marks."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+
+
 def normalise(text: str) -> list[str]:
-    words = [w.strip("'") for w in _WORD.findall(text.lower().replace("-", " "))]
+    text = fold_accents(text).lower().replace("-", " ")
+    words = [w.strip("'") for w in _WORD.findall(text)]
     words = [_DIGITS[int(w)] if len(w) == 1 and w.isdigit() else w for w in words if w]
     out: list[str] = []
     run: list[str] = []

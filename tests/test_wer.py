@@ -19,6 +19,7 @@ def test_normalise_case_punctuation_digits_and_acronyms() -> None:
     )
     assert normalise("a b test") == ["a", "b", "test"]  # two letters are not an acronym
     assert normalise("press 10") == ["press", "10"]
+    assert normalise("El líder, contraseña: ¿Qué?") == ["el", "lider", "contrasena", "que"]
 
 
 def test_wer_counts_substitutions_insertions_deletions() -> None:
