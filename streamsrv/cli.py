@@ -143,6 +143,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        return 0
 
 
 def _call_id(value: str) -> str:

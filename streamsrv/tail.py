@@ -52,7 +52,7 @@ class Tail:
         terminal = out.isatty()
         self._view = TailView(
             terminal=terminal,
-            color="NO_COLOR" not in os.environ,
+            color=not os.environ.get("NO_COLOR"),  # no-color.org
             show_call=options.calls is None or len(options.calls) > 1,
             partials=options.partials,
         )

@@ -18,8 +18,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis.asyncio as aioredis
 
 from streamsrv import corpus, events
 from streamsrv.config import Settings
@@ -308,6 +310,52 @@ async def test_a_real_call_followed_from_the_middle_in_a_terminal(settings_env):
     assert 0 <= drawn_at < partial_at
     assert "\n" not in t.out[drawn_at:final_at]
     assert t.out.count(ERASE + DIM) > len(live) // 2  # redrawn, not printed as lines
+
+
+def redis_connections(pid: int, port: int) -> list[str]:
+    """host:port of the process's TCP connections to `port` on loopback, as Redis names them."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for row in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == port:
+            found.append(f"127.0.0.1:{int(local.split(':')[1], 16)}")
+    return found
+
+
+async def test_after_redis_drops_the_tail_it_follows_again_without_gaps_or_repeats(settings_env):
+    settings = make_settings(settings_env, **NO_MODEL)
+    redis_port = urlsplit(settings.redis_url).port or 6379
+    async with running_server(settings) as server:
+        a = Emitter(server, str(uuid.uuid4()))
+        await a.emit(started(a.call_id), final(a.call_id, 0, "before"))
+        async with tail(settings, a.call_id, terminal=False) as t:
+            await t.until(lambda t: "before" in t.out)
+            admin = aioredis.Redis.from_url(settings.redis_url)
+            try:  # what a Redis restart or a network cut does to this one client
+                dropped = redis_connections(t.proc.pid, redis_port)
+                assert dropped
+                for addr in dropped:
+                    await admin.execute_command("CLIENT", "KILL", "ADDR", addr)
+            finally:
+                await admin.aclose()
+            await a.emit(final(a.call_id, 1, "while away"))
+            await t.until(lambda t: "while away" in t.out)
+            await a.emit(final(a.call_id, 2, "after"), ended(a.call_id))
+            status = await t.exit_status()
+    assert status == 0
+    said = [line.split("  ", 1)[1] for line in t.out.splitlines()]
+    assert said == [
+        "call started from 127.0.0.1:1", "before", "while away", "after",
+        "call ended: hangup, 0:03, 2 segments",
+    ]  # fmt: skip
+    assert "live_feed_lost" in t.err
 
 
 def spoken(messages: list[dict[str, Any]]) -> list[str]:
