@@ -127,8 +127,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if bool(args.calls) == args.all:
         print("streamsrv tail: give call ids or --all", file=sys.stderr)
         return 2
-    if args.recent and not args.all:
-        print("streamsrv tail: --recent goes with --all", file=sys.stderr)
+    if (args.recent and not args.all) or args.recent < 0:
+        print("streamsrv tail: --recent N (N >= 0) goes with --all", file=sys.stderr)
         return 2
     settings = _settings(args.env_file)
     options = TailOptions(
@@ -187,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("tail", help="follow calls in the terminal: so far, then live")
     with_env(p)
-    p.add_argument("calls", nargs="*", type=_call_id, metavar="CALL_ID")
+    p.add_argument("calls", nargs="*", type=_call_id, metavar="CALL_ID", help="calls to follow")
     p.add_argument("--all", action="store_true", help="every running call and those to come")
-    p.add_argument("--recent", type=int, default=0, help="with --all: N ended calls too")
+    p.add_argument(
+        "--recent", type=int, default=0, metavar="N", help="with --all: the N that ended last too"
+    )
     p.add_argument("--json", action="store_true", help="each message as published, one a line")
     p.add_argument("--partials", action="store_true", help="print partials when not a terminal")
     p.add_argument("--no-wait", action="store_true", help="exit 1 for an unknown call id")

@@ -208,8 +208,11 @@ async def test_every_call_on_a_pipe_plain_lines_without_partials_until_sigterm(s
     settings = make_settings(settings_env, **NO_MODEL)
     async with running_server(settings) as server:
         a, b = Emitter(server, str(uuid.uuid4())), Emitter(server, str(uuid.uuid4()))
+        for _ in range(2):  # ended calls: only the last is asked for
+            old = Emitter(server, str(uuid.uuid4()))
+            await old.emit(started(old.call_id), final(old.call_id, 0, "zero"), ended(old.call_id))
         await a.emit(started(a.call_id, {"role": "agent"}), final(a.call_id, 0, "one"))
-        async with tail(settings, "--all", terminal=False) as t:
+        async with tail(settings, "--all", "--recent", "1", terminal=False) as t:
             await t.until(lambda t: "one" in t.out)
             await b.emit(started(b.call_id))  # a call that starts later
             await b.emit(partial(b.call_id, 0, "tw"), final(b.call_id, 0, "two"), ended(b.call_id))
@@ -222,11 +225,14 @@ async def test_every_call_on_a_pipe_plain_lines_without_partials_until_sigterm(s
     assert "\x1b" not in t.out and "\r" not in t.out
     lines = t.out.splitlines()
     short_a, short_b = a.call_id[:8], b.call_id[:8]
-    assert [line.split("  ", 1)[1] for line in lines if "  " in line][1:] == [
-        "one", "call started from 127.0.0.1:1", "two", "call ended: hangup, 0:03, 2 segments",
+    assert [line.split("  ", 1)[1] for line in lines] == [
+        "call started from 127.0.0.1:1", "zero", "call ended: hangup, 0:03, 2 segments",
+        "call started from 127.0.0.1:1", "one",
+        "call started from 127.0.0.1:1", "two", "call ended: hangup, 0:03, 2 segments",
         "three",
     ]  # fmt: skip
-    assert lines[1] == f"0:00 {short_a} agent/en  one" and short_b in lines[2]
+    assert lines[0].split()[1] == old.call_id[:8]
+    assert lines[4] == f"0:00 {short_a} agent/en  one" and short_b in lines[5]
     assert "tw" not in t.out.split() and "thr" not in t.out.split()  # partials skipped
 
 
