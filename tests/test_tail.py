@@ -315,7 +315,7 @@ async def test_a_real_call_followed_from_the_middle_in_a_terminal(settings_env):
     drawn_at = t.out.rfind(ERASE + DIM, 0, partial_at)
     assert 0 <= drawn_at < partial_at
     assert "\n" not in t.out[drawn_at:final_at]
-    assert t.out.count(ERASE + DIM) > len(live) // 2  # redrawn, not printed as lines
+    assert t.out.count(ERASE + DIM) >= len(live)  # each partial drawn in place, none as a line
 
 
 def redis_connections(pid: int, port: int) -> list[str]:

@@ -210,6 +210,18 @@ def test_what_callers_or_context_posters_send_cannot_drive_the_terminal() -> Non
     assert out.count("\n") == 2 and out.count("\r") == 0
 
 
+def test_post_call_results_of_every_call_are_one_line_each() -> None:
+    view = TailView(terminal=False, show_call=True)
+    done = events.PostcallDone(
+        call_id=A, job_id=7, language="sw", model="large-v3", cached=False, role="caller"
+    )
+    failed = events.PostcallFailed(call_id=B, job_id=8, attempts=3, error="audio missing")
+    assert rendered(view, events.encode(done), events.encode(failed)).splitlines() == [
+        "-:-- 0a1b2c3d  post-call done (large-v3, sw)",
+        "-:-- 9f8e7d6c  post-call failed after 3 attempts: audio missing",
+    ]
+
+
 def test_messages_of_unknown_types_print_nothing() -> None:
     view = TailView(terminal=False)
     assert view.render({"type": "something_new", "call_id": A, "seq": 1}) == ""
