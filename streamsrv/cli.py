@@ -1,4 +1,4 @@
-"""Command line: serve, migrate, check-config, demo, worker, ari."""
+"""Command line: serve, migrate, check-config, demo, worker, ari, tail."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 
 import structlog
@@ -128,6 +129,41 @@ def cmd_ari(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Follow calls in the terminal: what they said so far, then live."""
+    from streamsrv.tail import TailOptions, run_tail
+
+    if bool(args.calls) == args.all:
+        print("streamsrv tail: give call ids or --all", file=sys.stderr)
+        return 2
+    if (args.recent and not args.all) or args.recent < 0:
+        print("streamsrv tail: --recent N (N >= 0) goes with --all", file=sys.stderr)
+        return 2
+    settings = _settings(args.env_file)
+    options = TailOptions(
+        calls=None if args.all else list(dict.fromkeys(args.calls)),
+        recent=args.recent,
+        json=args.json,
+        partials=args.partials,
+        wait=not args.no_wait,
+    )
+    try:
+        return asyncio.run(run_tail(settings, options))
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
+        return 0
+
+
+def _call_id(value: str) -> str:
+    """A call id in its canonical form (AudioSocket UUIDs are published lowercase)."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a call id: {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamsrv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     with_env(p)
     p.set_defaults(func=cmd_ari)
+
+    p = sub.add_parser("tail", help="follow calls in the terminal: so far, then live")
+    with_env(p)
+    p.add_argument("calls", nargs="*", type=_call_id, metavar="CALL_ID", help="calls to follow")
+    p.add_argument("--all", action="store_true", help="every running call and those to come")
+    p.add_argument(
+        "--recent", type=int, default=0, metavar="N", help="with --all: the N that ended last too"
+    )
+    p.add_argument("--json", action="store_true", help="each message as published, one a line")
+    p.add_argument("--partials", action="store_true", help="print partials when not a terminal")
+    p.add_argument("--no-wait", action="store_true", help="exit 1 for an unknown call id")
+    p.set_defaults(func=cmd_tail)
 
     args = parser.parse_args(argv)
     try:
