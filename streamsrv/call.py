@@ -61,6 +61,7 @@ class CallServices:
     load: Callable[[], float] = lambda: 0.0  # 0 idle .. 1 saturated, stretches partials
     final_beams: tuple[int, int] = (1, 5)  # beam of a final led by context, and of one not
     conversations: ConversationHub | None = None  # merges the legs of each conversation
+    english_only: bool = False  # the live model knows only English: no language to decide
 
 
 class Call:
@@ -199,7 +200,7 @@ class Call:
                 rate,
                 self.s.final_beams,
                 self.s.load,
-                language=self.language,
+                language=self.language or ("en" if self.s.english_only else None),
             )
             self._runner = TranscriptRunner(
                 self.transcript,

@@ -112,6 +112,7 @@ class Server:
             self.load,
             (s.final_beam(device), s.contextless_final_beam(device)),
             ConversationHub(self.publisher.publish_conversation),
+            self.contexts.english_only,
         )
         loop = asyncio.get_running_loop()
         self._tcp = await loop.create_server(

@@ -38,6 +38,9 @@ log = structlog.get_logger(__name__)
 
 PROMPT_CHARS = 200
 MIN_PARTIAL_SECONDS = 0.3
+# With the language still to be decided, a closed sentence's final waits (see LiveTranscript.
+# on_vad) for the decision, at most until this much audio has come since the sentence began.
+LANGUAGE_HOLD_SECONDS = 10.0
 
 
 @dataclass(eq=False)
@@ -106,6 +109,9 @@ class LiveTranscript:
         self.recent_finals: deque[tuple[Segment, str]] = deque(maxlen=st.final_context_segments)
         self.vad_pending: list[FloatArray] = []
         self.finals: deque[Ask] = deque()  # asked, not yet published, in segment order
+        # closed before the call's language was decided: (segment, its number, its partial
+        # text), oldest first, asked for once it is (see on_vad)
+        self.held: deque[tuple[Segment, int | None, str]] = deque()
         self.partial: Ask | None = None  # the partial being made
         self.last_partial_end = 0
         self.open_number: int | None = None
@@ -149,10 +155,11 @@ class LiveTranscript:
     def on_vad(self, probs: Sequence[float], *, ending: bool = False) -> list[Ask]:
         """New speech probabilities: the finals of the segments they close, then a partial if
         one is due. `ending`: the call is over, close the open segment too, no partial."""
-        asks = [self._final(segment) for segment in self.segmenter.push(list(probs))]
+        self.held.extend(self._close(segment) for segment in self.segmenter.push(list(probs)))
         if ending:
-            asks += [self._final(segment) for segment in self.segmenter.flush()]
-        else:
+            self.held.extend(self._close(segment) for segment in self.segmenter.flush())
+        asks = self._release(ending)
+        if not ending:
             partial = self._partial()
             if partial is not None:
                 asks.append(partial)
@@ -160,7 +167,34 @@ class LiveTranscript:
 
     # -- asks ----------------------------------------------------------------------------------
 
-    def _final(self, segment: Segment) -> Ask:
+    def _close(self, segment: Segment) -> tuple[Segment, int | None, str]:
+        """A segment the VAD closed, with what its partials showed; the next partial is of
+        the next segment."""
+        closed = (segment, self.open_number, self.open_text)
+        self.open_number, self.open_text = None, ""
+        self.last_partial_end = segment.end
+        return closed
+
+    @property
+    def _undecided(self) -> bool:
+        return self.decider is not None and self.language is None
+
+    def _release(self, ending: bool) -> list[Ask]:
+        """The finals of the closed segments, unless the call's language is still to be
+        decided: a sentence shorter than LANGUAGE_DETECT_SECONDS would be decoded in whatever
+        its own few seconds sound like (Spanish heard as Italian), so it waits for the decision
+        that the speech after it brings (partials then hear it too, see _partial), for at most
+        LANGUAGE_HOLD_SECONDS, or for the end of the call."""
+        if not self.held:
+            return []
+        waited = (self.ring.end - self.held[0][0].start) / MODEL_RATE
+        if self._undecided and not ending and waited < LANGUAGE_HOLD_SECONDS:
+            return []
+        asks = [self._final(*closed) for closed in self.held]
+        self.held.clear()
+        return asks
+
+    def _final(self, segment: Segment, number: int | None, shown: str) -> Ask:
         context = self._final_context(segment)
         start, prefix = context or (segment.start, "")
         request = AsrRequest(
@@ -174,10 +208,8 @@ class LiveTranscript:
             beam_size=self.final_beams[0 if context else 1],
             detect=self.decider is not None and self.decider.decided,  # evidence of a change
         )
-        ask = Ask(request, start, segment.end, segment, self.open_number, self.open_text)
+        ask = Ask(request, start, segment.end, segment, number, shown)
         self.finals.append(ask)
-        self.open_number, self.open_text = None, ""
-        self.last_partial_end = segment.end
         return ask
 
     def _final_context(self, segment: Segment) -> tuple[int, str] | None:
@@ -199,6 +231,8 @@ class LiveTranscript:
         if end - max(self.last_partial_end, start) < self._partial_interval() * MODEL_RATE:
             return None
         self.last_partial_end = end
+        if self.held:  # it hears the held sentences too, for the language; shows nothing
+            start = self.held[0][0].start
         request = AsrRequest(
             self.call_id,
             self.ring.read(start, end),
@@ -236,7 +270,7 @@ class LiveTranscript:
         out = self._learn_language(ask, result)
         if not result.text:
             return out
-        if self.segmenter.open_start == ask.start and not self.finals:
+        if self.segmenter.open_start == ask.start and not self.finals and not self.held:
             if result.text == self.open_text:
                 return out
             if self.open_number is None:
@@ -277,12 +311,14 @@ class LiveTranscript:
 
     @property
     def finals_pending(self) -> int:
-        return len(self.finals)
+        return len(self.finals) + len(self.held)
 
     @property
     def settled_seconds(self) -> float:
         """Audio up to which every final is out: no later final can start before it."""
         bounds = [self.segmenter.position]
+        if self.held:
+            bounds.append(self.held[0][0].start)
         if self.finals and self.finals[0].segment is not None:
             bounds.append(self.finals[0].segment.start)
         if self.segmenter.open_start is not None:

@@ -24,8 +24,12 @@ import redis.asyncio as aioredis
 
 from streamsrv import corpus, events
 from streamsrv.simulate import play_call
+from tests.e2e import make_settings
+from tests.postcall_helpers import drain, fresh_db, shared_model
 from tests.serverproc import ServerProcess
 from tests.test_context import post
+
+__all__ = ["fresh_db"]  # a fixture, used by name
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -154,9 +158,10 @@ async def kept_finals(redis_url: str, prefix: str, call_ids: list[str]) -> list[
 
 
 async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
-    settings_env, tmp_path
+    settings_env, tmp_path, fresh_db, model_dir
 ):
     prefix = f"t{secrets.token_hex(4)}:"
+    settings_env = {**settings_env, "DATABASE_URL": fresh_db}  # a queue of its own
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("en [conference]: unlock the conference\n")
     env = {
@@ -225,6 +230,17 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
             lines = await until(all_drawn, 30, "every final")
             history = await asyncio.to_thread(browser.execute_script, "return window.__lines")
 
+            # the worker's pass: the ended conversation shows its results once they are in
+            await drain(
+                make_settings(settings_env, REDIS_CHANNEL_PREFIX=prefix), shared_model(model_dir)
+            )
+
+            def results_shown() -> str:
+                text = str(browser.find_element("id", "detail").text)
+                return text if text.count("Post-call transcript") == 3 else ""
+
+            results = await until(results_shown, 30, "the post-call results")
+
             def alert_shown() -> tuple[str, str, str]:
                 return (
                     " ".join(n.text for n in browser.find_elements("css selector", ".line.alert")),
@@ -250,6 +266,8 @@ async def test_the_board_follows_two_legs_live_and_a_cut_page_misses_nothing(
         (c, s) for k, c, s, _ in history if k == "final"
     }
     assert replaced, "no partial was ever drawn and then replaced by its final"
+    assert "Post-call transcript of the conversation" in results
+    assert "caller: " in results and "agent: " in results  # speaker-labelled, legs merged
     marked, listed, entry_class = alert
     assert "unlock the conference" in marked.lower()  # the matched line, highlighted
     assert "conference" in listed and "alerted" in entry_class  # listed on top, the entry flagged
@@ -259,7 +277,7 @@ async def test_the_board_stays_usable_with_200_running_calls(settings_env):
     """200 calls (published through a real server's publisher into Redis, without the model),
     each with its context and a final, partials flowing: all are listed, search finds one by
     its caller, and it opens large."""
-    from tests.e2e import make_settings, running_server
+    from tests.e2e import running_server
     from tests.test_events_feed import NO_MODEL, Emitter, final, partial, started
 
     settings = make_settings(settings_env, **NO_MODEL)

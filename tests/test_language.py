@@ -75,3 +75,51 @@ def test_a_language_from_the_context_is_never_second_guessed() -> None:
     t2 = LiveTranscript("c", Settings(), 16000, (1, 5))
     t2.fix_language("sw")
     assert (t2.language, t2.decider) == ("sw", None)
+
+
+def test_a_short_first_sentence_waits_for_the_language_its_call_is_in() -> None:
+    """A 1.5 s sentence closes before anything could decide the language: its final is asked
+    only once the speech after it (heard with it) has decided, in that language, and the
+    segments keep the order they were spoken in."""
+    t = LiveTranscript("c", Settings(), 16000, (1, 5))
+    out: list[events.Event] = []
+    finals = []
+
+    def hear(prob: float, seconds: float) -> None:
+        for _ in range(round(seconds * SECOND / CHUNK)):
+            t.push(np.zeros(CHUNK, dtype=np.float32))
+            for ask in t.on_vad([prob]):
+                if ask.final:
+                    finals.append(ask)
+                    continue
+                long_enough = len(ask.request.audio) >= 3 * SECOND
+                heard = ("es", 0.9) if long_enough else ("it", 0.7)  # short windows mislead
+                result = AsrResult("hola", heard[0], -0.2, 0.01, 1.0, detected=heard)
+                out.extend(t.partial_done(ask, result))
+
+    hear(0.9, 1.5)
+    hear(0.05, 1.0)  # the first sentence has closed
+    assert finals == [] and t.language is None and t.settled_seconds < 0.5
+    hear(0.9, 2.0)  # the next one, heard together with the first, decides
+    assert t.language == "es"
+    assert [f.request.language for f in finals] == ["es"]
+    hear(0.05, 1.0)
+    assert [f.request.language for f in finals] == ["es", "es"]
+    for ask in finals:
+        result = AsrResult("hola", "es", -0.2, 0.01, 1.0, detected=("es", 0.95))
+        out.extend(t.final_done(ask, result))
+    numbered = [(e.TYPE, e.segment) for e in out if isinstance(e, events.Partial | events.Final)]
+    assert [n for kind, n in numbered if kind == "final"] == [0, 1]
+    assert numbered == sorted(numbered, key=lambda x: x[1])  # no number used out of order
+    assert [e.language for e in out if isinstance(e, events.Final)] == ["es", "es"]
+
+
+def test_a_held_sentence_is_not_held_past_the_end_of_its_call() -> None:
+    t = LiveTranscript("c", Settings(), 16000, (1, 5))
+    for prob, seconds in ((0.9, 1.0), (0.05, 1.0)):
+        for _ in range(round(seconds * SECOND / CHUNK)):
+            t.push(np.zeros(CHUNK, dtype=np.float32))
+            assert [a for a in t.on_vad([prob]) if a.final] == []
+    assert t.finals_pending == 1
+    asks = t.on_vad([], ending=True)
+    assert [a.final for a in asks] == [True] and asks[0].request.language is None

@@ -54,11 +54,10 @@ async def test_english_and_spanish_calls_at_once(settings_env, how):
         print(f"{how} {language}: WER {error:.2f} {[d['probability'] for d in decided]} {text!r}")
         if how == "auto":
             assert [d["language"] for d in decided] == [language]  # decided once
-            # from the decision on, every final is in it (a first sentence shorter than
-            # LANGUAGE_DETECT_SECONDS may come before it, detected on its own window)
-            at = messages.index(decided[0])
-            after = [m for m in messages[at:] if m["type"] == "final" and m["text"]]
-            assert after and {m["language"] for m in after} == {language}
+            # every final is in it, the first too: it waits for the decision
+            assert finals and {m["language"] for m in finals} == {language}
+            first_final = next(m for m in messages if m["type"] == "final")
+            assert messages.index(decided[0]) < messages.index(first_final)
         else:
             assert decided == []  # the context said it: nothing to detect
             assert finals and {m["language"] for m in finals} == {language}

@@ -16,7 +16,8 @@ SPEECH, SILENCE = 0.9, 0.05
 
 
 def transcript(**settings: object) -> LiveTranscript:
-    return LiveTranscript("c", Settings(**settings), RATE, (1, 5))  # type: ignore[arg-type]
+    """A call whose language is known (a final waits for an undecided one: test_language)."""
+    return LiveTranscript("c", Settings(**settings), RATE, (1, 5), language="en")  # type: ignore[arg-type]
 
 
 def hear(t: LiveTranscript, prob: float, seconds: float) -> list[Ask]:

@@ -6,6 +6,7 @@
 const board = (() => {
   const calls = new Map(); // call_id -> call state
   const alerts = []; // newest first
+  const conversations = new Map(); // conversation -> its post-call transcript, once there
   const dirty = new Set(); // call ids whose rows need drawing
   let opened = null; // call id shown large
   let source = null;
@@ -159,6 +160,11 @@ const board = (() => {
       const view = await fetchJson("/calls/" + encodeURIComponent(c.id));
       c.postcall = view;
       if (view.job && view.job.status) c.postcallState = view.job.status;
+      const conversation = c.context.conversation;
+      if (conversation && !conversations.has(conversation)) {
+        const merged = await fetchJson("/conversations/" + encodeURIComponent(conversation));
+        if (merged.postcall) conversations.set(conversation, merged.postcall);
+      }
       touch(c.id);
     } catch { /* shown when it can be read */ }
   }
@@ -338,6 +344,9 @@ const board = (() => {
 
   function results(members) {
     const parts = [];
+    const conversation = members.map((m) => m.context.conversation).find(Boolean);
+    const merged = conversation && conversations.get(conversation);
+    if (merged) parts.push(el("h4", {}, "Post-call transcript of the conversation"), el("pre", {}, merged.transcript));
     for (const m of members) {
       const r = m.postcall && m.postcall.results;
       if (!r) continue;

@@ -286,6 +286,9 @@ class Worker:
             rtf=t["real_time_factor"],
             cached=t["cached"],
         )
+        if job.conversation:  # before postcall_done: a reader it sends finds the merge there
+            with self.metrics.stage_seconds.labels("conversation").time():
+                await self._conversation_pass(job.conversation, bound)
         await self._publish(
             events.PostcallDone(
                 call_id=job.call_id,
@@ -297,9 +300,6 @@ class Worker:
                 conversation=job.conversation,
             )
         )
-        if job.conversation:
-            with self.metrics.stage_seconds.labels("conversation").time():
-                await self._conversation_pass(job.conversation, bound)
 
     async def _conversation_pass(self, conversation: str, bound: Any) -> None:
         """Once every leg's job is done (whichever worker finishes last), the conversation's
