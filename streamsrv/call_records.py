@@ -13,7 +13,7 @@ from typing import Any
 from streamsrv.context import CallContext
 from streamsrv.journal import Journal
 from streamsrv.recordings import Recording
-from streamsrv.records import CallEndedRow, CallStartedRow, ContextRow, JobRow
+from streamsrv.records import CallEndedRow, CallFinishedRow, CallStartedRow, ContextRow, JobRow
 from streamsrv.spool import CallStore
 
 
@@ -77,7 +77,6 @@ class CallRecords:
         Raises when a write could neither be made nor spooled: the journal keeps the call."""
         if self._last is not None:
             await self._last
-        job_id = await self._store.enqueue_job(job) if job is not None else None
-        await self._store.call_ended(ended)
+        job_id = await self._store.call_finished(CallFinishedRow(ended, job))
         await self._journal.closed(ended.call_id)
         return job_id

@@ -24,7 +24,7 @@ from streamsrv.config import Settings
 from streamsrv.journal import Journal
 from streamsrv.publish import Publisher
 from streamsrv.recordings import repair_wav
-from streamsrv.records import CallEndedRow, CallStartedRow, JobRow
+from streamsrv.records import CallEndedRow, CallFinishedRow, CallStartedRow, JobRow
 from streamsrv.spool import CallStore
 
 log = structlog.get_logger(__name__)
@@ -76,11 +76,10 @@ async def _recover(
     prefix = info.get("channel_prefix", settings.redis_channel_prefix)
     last_seq, transcript = await _stream_state(settings, prefix, call_id)
     await store.call_started(CallStartedRow(call_id, created_at, info["peer"], rate, mode))
-    job_id = None
-    if mode != "realtime_only" and audio_bytes is not None:
-        job_id = await store.enqueue_job(JobRow(call_id, str(path)))
+    has_job = mode != "realtime_only" and audio_bytes is not None
+    job = JobRow(call_id, str(path)) if has_job else None
     ended = CallEndedRow(call_id, ended_at, duration, "", transcript, None, "interrupted")
-    await store.call_ended(ended)
+    job_id = await store.call_finished(CallFinishedRow(ended, job))
     audio_seconds = round((audio_bytes or 0) / 2 / rate, 3)
     publisher.emit(_ended_event(ended, audio_seconds, job_id, mode), last_seq + 1)
     await journal.closed(call_id)

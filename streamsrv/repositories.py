@@ -286,6 +286,48 @@ class CallRepository:
             status,
         )
 
+    async def finished(
+        self,
+        call_id: str,
+        ended_at: datetime,
+        duration_s: float,
+        dtmf: str,
+        live_transcript: str,
+        language: str | None,
+        status: str,
+        audio_path: str | None,
+        job_language: str | None,
+    ) -> int | None:
+        """Record the end of a call as `ended` does and, with an `audio_path`, queue its
+        post-call job once, as JobRepository.enqueue does, in one statement: the job's id (the
+        existing one on a repeat), None without a job."""
+        job_id = await self._db.pool.fetchval(
+            "with ended as ("
+            " insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"
+            " live_transcript, language, status)"
+            " values ($1, $2::timestamptz - make_interval(secs => $3::float8),"
+            " $2, $3, $4, $5, $6, $7)"
+            " on conflict (call_id) do update set ended_at = excluded.ended_at,"
+            " duration_s = excluded.duration_s, dtmf = excluded.dtmf,"
+            " live_transcript = excluded.live_transcript, language = excluded.language,"
+            " status = excluded.status returning call_id),"
+            " job as (insert into postcall_jobs (call_id, audio_path, priority, language)"
+            " select call_id, $8, 0, $9 from ended where $8::text is not null"
+            " on conflict (call_id) do nothing returning id)"
+            " select coalesce((select id from job),"
+            " (select id from postcall_jobs where call_id = $1 and $8::text is not null))",
+            call_id,
+            ended_at,
+            duration_s,
+            dtmf,
+            live_transcript,
+            language,
+            status,
+            audio_path,
+            job_language,
+        )
+        return None if job_id is None else int(job_id)
+
     async def create_upload(
         self,
         call_id: str,

@@ -30,10 +30,9 @@ import structlog
 from streamsrv.jobs import JobStore
 from streamsrv.recordings import fsync_directory
 from streamsrv.records import (
-    CallEndedRow,
+    CallFinishedRow,
     CallStartedRow,
     ContextRow,
-    JobRow,
     Write,
     from_spool,
     to_spool,
@@ -123,11 +122,8 @@ class CallStore:
     async def call_context(self, row: ContextRow) -> None:
         await self._write(row)
 
-    async def call_ended(self, row: CallEndedRow) -> None:
-        await self._write(row)
-
-    async def enqueue_job(self, row: JobRow) -> int | None:
-        """The job's id, or None when it was spooled (Postgres away): it is written later."""
+    async def call_finished(self, row: CallFinishedRow) -> int | None:
+        """Its job's id; None without a job, or when it was spooled (Postgres away)."""
         result = await self._write(row)
         return int(result) if result is not None else None
 
