@@ -202,6 +202,8 @@ class LiveFeed:
                     await self._listen(client, lifecycle)
                 except (RedisError, OSError) as exc:
                     log.warning("live_feed_lost", error=repr(exc), followers=self.followers)
+                except Exception:  # a bug: its followers must not wait forever either
+                    log.exception("live_feed_failed", followers=self.followers)
                 self._ready.clear()
                 for follower in list(self._followers):
                     follower.end("gap")  # they replay what they missed on reconnecting
