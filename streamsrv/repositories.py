@@ -267,23 +267,9 @@ class CallRepository:
         language: str | None,
         status: str,
     ) -> None:
-        """Record the end of a call; creates the row if call_started never reached Postgres."""
-        await self._db.pool.execute(
-            "insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"
-            " live_transcript, language, status)"
-            " values ($1, $2::timestamptz - make_interval(secs => $3::float8),"
-            " $2, $3, $4, $5, $6, $7)"
-            " on conflict (call_id) do update set ended_at = excluded.ended_at,"
-            " duration_s = excluded.duration_s, dtmf = excluded.dtmf,"
-            " live_transcript = excluded.live_transcript, language = excluded.language,"
-            " status = excluded.status",
-            call_id,
-            ended_at,
-            duration_s,
-            dtmf,
-            live_transcript,
-            language,
-            status,
+        """Record the end of a call without a job (a write spooled by an earlier version)."""
+        await self.finished(
+            call_id, ended_at, duration_s, dtmf, live_transcript, language, status, None, None
         )
 
     async def finished(
@@ -298,9 +284,9 @@ class CallRepository:
         audio_path: str | None,
         job_language: str | None,
     ) -> int | None:
-        """Record the end of a call as `ended` does and, with an `audio_path`, queue its
-        post-call job once, as JobRepository.enqueue does, in one statement: the job's id (the
-        existing one on a repeat), None without a job."""
+        """Record the end of a call (creating its row if call_started never reached Postgres)
+        and, with an `audio_path`, queue its post-call job once, as JobRepository.enqueue
+        does, in one statement: the job's id (the existing one on a repeat), None without."""
         job_id = await self._db.pool.fetchval(
             "with ended as ("
             " insert into calls (call_id, created_at, ended_at, duration_s, dtmf,"

@@ -79,9 +79,13 @@ async def test_a_call_ends_with_its_job_in_one_write_once(database_url) -> None:
         lone = CallEndedRow("0b9e7c55-3c1c-4d7e-8f67-0d5e0e3b8a21", AT, 1.0, "", "", None, "ended")
         without = await CallFinishedRow(lone, None).apply(store)
         lone_view = await store.calls.view(lone.call_id)
+        old = CallEndedRow("5d0f3c1e-8a7b-4c2d-9e6f-1a2b3c4d5e6f", AT, 2.0, "9", "", None, "ended")
+        await old.apply(store)  # an end row spooled by the previous version
+        old_view = await store.calls.view(old.call_id)
     finally:
         await store.close()
     assert first is not None and again == first
     assert view is not None and view["live_transcript"] == "hi" and view["status"] == "ended"
     assert view["job"]["audio_path"] == "/r/x.wav" and view["job"]["language"] == "sw"
     assert without is None and lone_view is not None and lone_view["job"] is None
+    assert old_view is not None and old_view["dtmf"] == "9" and old_view["job"] is None
