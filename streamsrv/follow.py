@@ -230,14 +230,15 @@ class LiveFeed:
 
 
 class Followed:
-    """The calls' messages so far (`replayed`), then live ones by `next()`, without repeats."""
+    """The calls' messages so far (`replayed`), then live ones by `next()`, without repeats.
+    `seen` (each call's last seq given, updated here) carries that across resumes."""
 
-    def __init__(self, follower: Follower, replayed: list[Message]) -> None:
+    def __init__(
+        self, follower: Follower, replayed: list[Message], seen: dict[str, int] | None = None
+    ) -> None:
         self._follower = follower
-        self.replayed = replayed
-        self._last_seq: dict[str, int] = {}
-        for message in replayed:
-            self._seen(message)
+        self._last_seq = {} if seen is None else seen
+        self.replayed = [m for m in replayed if self._seen(m)]
 
     def _seen(self, message: Message) -> bool:
         """False for a message already given (a call's seq only grows)."""
@@ -268,13 +269,14 @@ async def following(
     calls: Iterable[str] | None = None,
     since: float | None = None,
     recent: int = 0,
+    seen: dict[str, int] | None = None,
 ) -> AsyncIterator[Followed]:
     """Follow the given calls, or every active call and the `recent` calls that ended last
-    (when resuming, those that ended after `since`). Raises ConnectionError or RedisError
-    when Redis is away."""
+    (when resuming, those that ended after `since`, less what `seen` says was given: see
+    Followed). Raises ConnectionError or RedisError when Redis is away."""
     wanted = None if calls is None else list(calls)
     async with feed.follow(wanted) as follower:
         if wanted is None:
             ended = await index.ended(recent, since) if recent else []
             wanted = [*reversed(ended), *await index.active()]
-        yield Followed(follower, await index.replay(wanted, since))
+        yield Followed(follower, await index.replay(wanted, since), seen)

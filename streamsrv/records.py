@@ -66,15 +66,7 @@ class CallEndedRow:
     status: str
 
     async def apply(self, db: JobStore) -> None:
-        await db.calls.ended(
-            self.call_id,
-            self.ended_at,
-            self.duration_s,
-            self.dtmf,
-            self.live_transcript,
-            self.language,
-            self.status,
-        )
+        await CallFinishedRow(self, None).apply(db)  # spooled by a version before jobs joined
 
 
 @dataclass(frozen=True, slots=True)

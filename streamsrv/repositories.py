@@ -257,21 +257,6 @@ class CallRepository:
             language,
         )
 
-    async def ended(
-        self,
-        call_id: str,
-        ended_at: datetime,
-        duration_s: float,
-        dtmf: str,
-        live_transcript: str,
-        language: str | None,
-        status: str,
-    ) -> None:
-        """Record the end of a call without a job (a write spooled by an earlier version)."""
-        await self.finished(
-            call_id, ended_at, duration_s, dtmf, live_transcript, language, status, None, None
-        )
-
     async def finished(
         self,
         call_id: str,

@@ -3,9 +3,9 @@ far from its stream, then live from pub/sub, no gaps, no repeats) and streamsrv.
 
 When the feed ends this follower (Redis dropped the subscription, or the terminal fell too far
 behind), it follows again from the last message it printed, as a browser on /events does: the
-replay repeats a few seconds, dropped here by (call_id, seq). Writes to stdout are plain blocking
-writes: a terminal that cannot keep up slows this process, never the server (at worst the
-follower is ended and resumes).
+replay repeats a few seconds, dropped by (call_id, seq) against what was printed (`seen`).
+Writes to stdout are plain blocking writes: a terminal that cannot keep up slows this process,
+never the server (at worst the follower is ended and resumes).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Tail:
             partials=options.partials,
         )
         self._waiting = set(options.calls or ())  # named calls not ended yet
-        self._last_seq: dict[str, int] = {}
+        self._last_seq: dict[str, int] = {}  # what was printed: a resume repeats none of it
         self._since: float | None = None  # the last printed message's emitted_at
 
     @property
@@ -87,6 +87,7 @@ class Tail:
                     calls=self._options.calls,
                     since=self._since,
                     recent=self._options.recent if first else RESUME_RECENT,
+                    seen=self._last_seq,
                 ) as followed:
                     if first and not self._known(followed):
                         return 1
@@ -124,11 +125,7 @@ class Tail:
             self._show(message)
 
     def _show(self, message: Message) -> None:
-        seq = message.seq
-        if seq is not None:
-            if seq <= self._last_seq.get(message.call_id, 0):
-                return  # replayed again after a resume
-            self._last_seq[message.call_id] = seq
+        if message.seq is not None:
             self._since = max(self._since or 0.0, message.emitted_at)
         if self._options.json:
             text = message.raw + "\n"

@@ -85,7 +85,9 @@ async def test_call_lifecycle(store: JobStore, conn: Any) -> None:
     assert row["ended_at"] is None and row["processing_mode"] == "hybrid"
 
     ended = started + timedelta(seconds=42.5)
-    await store.calls.ended(call_id, ended, 42.5, "12#", "hello there", "en", "ended")
+    await store.calls.finished(
+        call_id, ended, 42.5, "12#", "hello there", "en", "ended", None, None
+    )
     row = await conn.fetchrow("select * from calls where call_id = $1", call_id)
     assert (row["ended_at"], row["duration_s"], row["dtmf"]) == (ended, 42.5, "12#")
     assert (row["live_transcript"], row["language"], row["status"]) == (
@@ -99,7 +101,7 @@ async def test_call_lifecycle(store: JobStore, conn: Any) -> None:
 async def test_call_ended_without_start_creates_row(store: JobStore, conn: Any) -> None:
     call_id = str(uuid.uuid4())
     ended = datetime(2024, 5, 1, 12, 0, 10, tzinfo=UTC)
-    await store.calls.ended(call_id, ended, 10.0, "", "", None, "interrupted")
+    await store.calls.finished(call_id, ended, 10.0, "", "", None, "interrupted", None, None)
     row = await conn.fetchrow("select * from calls where call_id = $1", call_id)
     assert row["created_at"] == ended - timedelta(seconds=10)
     assert row["status"] == "interrupted"
@@ -108,7 +110,9 @@ async def test_call_ended_without_start_creates_row(store: JobStore, conn: Any) 
 async def test_bad_status_is_rejected(store: JobStore) -> None:
     call_id = str(uuid.uuid4())
     with pytest.raises(asyncpg.CheckViolationError):
-        await store.calls.ended(call_id, datetime.now(UTC), 1.0, "", "", None, "bogus")
+        await store.calls.finished(
+            call_id, datetime.now(UTC), 1.0, "", "", None, "bogus", None, None
+        )
 
 
 async def test_enqueue_job_once(store: JobStore, conn: Any) -> None:

@@ -7,7 +7,6 @@ const board = (() => {
   const calls = new Map(); // call_id -> call state
   const alerts = []; // newest first
   const conversations = new Map(); // conversation -> its post-call transcript, once there
-  const dirty = new Set(); // call ids whose rows need drawing
   let opened = null; // call id shown large
   let source = null;
   let lastEventId = "";
@@ -102,11 +101,10 @@ const board = (() => {
       default:
         return;
     }
-    touch(c.id);
+    redrawSoon();
   }
 
-  function touch(id) {
-    dirty.add(id);
+  function redrawSoon() {
     if (!drawQueued) {
       drawQueued = true;
       setTimeout(() => requestAnimationFrame(draw), DRAW_EVERY_MS);
@@ -165,7 +163,7 @@ const board = (() => {
         const merged = await fetchJson("/conversations/" + encodeURIComponent(conversation));
         if (merged.postcall) conversations.set(conversation, merged.postcall);
       }
-      touch(c.id);
+      redrawSoon();
     } catch { /* shown when it can be read */ }
   }
 
@@ -273,7 +271,6 @@ const board = (() => {
   function draw() {
     const began = performance.now();
     drawQueued = false;
-    dirty.clear();
     forgetOldCalls();
     const groups = new Map();
     for (const c of calls.values()) {
@@ -397,7 +394,7 @@ const board = (() => {
   function start() {
     const m = location.hash.match(/^#call=([0-9a-f-]{36})$/);
     if (m) opened = m[1];
-    for (const id of ["search", "language", "alerts-only"]) $(id).addEventListener("input", () => touch(""));
+    for (const id of ["search", "language", "alerts-only"]) $(id).addEventListener("input", redrawSoon);
     connect();
     pollQueue();
     setInterval(pollQueue, 5000);
