@@ -3,9 +3,11 @@ seconds of speech, and kept.
 
 Whisper detects a language from each window it hears. On a short window that guess is poor
 (a second of English was seen labelled Indonesian), and redone per sentence it can flip from
-one sentence to the next. So only windows with at least LANGUAGE_DETECT_SECONDS of audio count;
-the first of them detected with LANGUAGE_DETECT_PROBABILITY or more decides; if three such
-windows come and none is that sure, the language with the highest summed probability over them
+one sentence to the next; and a window of just over three seconds can be sure of the wrong
+language (Spanish telephone speech heard as Italian at 0.67). So only windows with at least
+LANGUAGE_DETECT_SECONDS of audio count; two of them in a row that name the same language with
+LANGUAGE_DETECT_PROBABILITY or more decide, as does one at SURE_PROBABILITY or more; if four such
+windows come without a decision, the language with the highest summed probability over them
 wins. After that every request goes in that language. Finals keep asking for a detection, as
 evidence: two finals in a row that hear another language with SWITCH_PROBABILITY or more
 change it (a call handed from one language to another). No I/O; decisions are logged.
@@ -22,8 +24,9 @@ from streamsrv import events
 
 log = structlog.get_logger(__name__)
 
+SURE_PROBABILITY = 0.9
 SWITCH_PROBABILITY = 0.9
-UNSURE_WINDOWS = 3
+UNSURE_WINDOWS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class LanguageDecider:
     language: str | None = None
     _seen: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _windows: int = 0
+    _vote: str | None = None  # the language the last window named with min_probability or more
     _against: list[tuple[str, float]] = field(default_factory=list)
 
     @property
@@ -74,8 +78,10 @@ class LanguageDecider:
         if self.language is None:
             self._windows += 1
             self._seen[language] += probability
-            if probability >= self.min_probability:
+            vote = language if probability >= self.min_probability else None
+            if probability >= SURE_PROBABILITY or (vote is not None and vote == self._vote):
                 return self._decide(language, probability)
+            self._vote = vote
             if self._windows >= UNSURE_WINDOWS:
                 best = max(self._seen, key=self._seen.__getitem__)
                 return self._decide(best, round(self._seen[best] / self._windows, 3))
