@@ -179,6 +179,7 @@ class Call:
                 sample_rate=rate,
                 processing_mode=self.mode,
                 context=self.context.as_json() if self.context is not None else None,
+                language=self.language,
             )
         )
         self.log.info("call_started", peer=self.peer, sample_rate=rate, mode=self.mode)

@@ -95,6 +95,9 @@ class CallStarted(Event):
     sample_rate: int
     processing_mode: str
     context: dict[str, Any] | None = None  # when it was posted before the call connected
+    # the language it is transcribed in from its start (context, LANGUAGE, an English-only
+    # model); left out when it is to be detected (language_detected says it then)
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -144,6 +144,7 @@ class TailView:
                 return self._line(self._head(call_id, event.start, info) + event.text)
             case events.CallStarted():
                 info.started_at = event.started_at
+                info.language = event.language or info.language
                 info.learn(event.context)
                 details = [f"from {event.peer}", *self._described(event.context)]
                 text = "call started " + ", ".join(details)

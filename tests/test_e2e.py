@@ -76,6 +76,7 @@ async def test_concurrent_calls_transcribed_recorded_and_queued(settings_env, da
     for call, call_id, sent in zip(calls, ids, played, strict=True):
         messages = collected.by_call[call_id]
         check_order(messages, call_id)
+        assert messages[0]["language"] == "en"  # tiny.en: English from the call's start
         finals = [m for m in messages if m["type"] == "final"]
         for final in finals:
             assert final["language"] == "en"

@@ -18,6 +18,10 @@ DOCUMENTED = [
     {"type": "call_started", "call_id": CALL, "seq": 1, "emitted_at": 1764720000.5,
      "started_at": 1764720000.4, "peer": "127.0.0.1:40001", "sample_rate": 8000,
      "processing_mode": "hybrid", "context": {"role": "agent", "queue": "sales"}},
+    # its language known from the start (context, LANGUAGE, an English-only model)
+    {"type": "call_started", "call_id": CALL, "seq": 1, "emitted_at": 1764720000.5,
+     "started_at": 1764720000.4, "peer": "127.0.0.1:40002", "sample_rate": 8000,
+     "processing_mode": "hybrid", "language": "sw"},
     {"type": "partial", "call_id": CALL, "seq": 2, "emitted_at": 1764720002.0, "segment": 0,
      "text": "please hold", "start": 0.3, "end": 1.5, "audio_end": 1.6},
     {"type": "final", "call_id": CALL, "seq": 3, "emitted_at": 1764720003.0, "segment": 0,

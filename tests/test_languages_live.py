@@ -53,12 +53,14 @@ async def test_english_and_spanish_calls_at_once(settings_env, how):
         error = wer(call.reference, text)
         print(f"{how} {language}: WER {error:.2f} {[d['probability'] for d in decided]} {text!r}")
         if how == "auto":
+            assert "language" not in messages[0]  # not known when the call starts
             assert [d["language"] for d in decided] == [language]  # decided once
             # every final is in it, the first too: it waits for the decision
             assert finals and {m["language"] for m in finals} == {language}
             first_final = next(m for m in messages if m["type"] == "final")
             assert messages.index(decided[0]) < messages.index(first_final)
         else:
+            assert messages[0]["language"] == language  # known from the call's start
             assert decided == []  # the context said it: nothing to detect
             assert finals and {m["language"] for m in finals} == {language}
         assert error <= (0.25 if language == "en" else 0.45)

@@ -58,6 +58,7 @@ const board = (() => {
       case "call_started":
         c.startedAt = m.started_at;
         if (m.context) c.context = { ...c.context, ...m.context };
+        if (m.language) c.language = m.language;
         break;
       case "call_context":
         c.context = { ...c.context, ...m.context };
