@@ -240,7 +240,7 @@ class Call:
     def _emit_live(self, event: events.Event) -> None:
         """An event of the live transcript: a final carries the call's role and conversation,
         and goes to the conversation too; then how far the call has settled. The alerts its
-        text brings follow it."""
+        text brings follow it, on the conversation too."""
         if isinstance(event, events.Final):
             context = self.context or CallContext()
             final = replace(event, role=context.role, conversation=context.conversation)
@@ -255,7 +255,7 @@ class Call:
                 self.log.warning(
                     "alert", phrase=alert.phrase, label=alert.label, segment=alert.segment
                 )
-                self._emit(alert)
+                self._leg.alert(self._emit(alert))
 
     # -- end of call ---------------------------------------------------------------------------
 

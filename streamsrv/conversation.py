@@ -107,6 +107,12 @@ class ConversationHub:
     def leave(self, conversation: str, call_id: str) -> None:
         self._out(conversation, lambda m: m.leave(call_id))
 
+    def alert(self, conversation: str, message: dict[str, Any]) -> None:
+        """An alert goes out at once: someone may be in danger now, and the final it is
+        about may wait in the merger for the other leg."""
+        if conversation in self._open:
+            self._publish(conversation, message)
+
     def _out(
         self, conversation: str, step: Callable[[ConversationMerger], list[dict[str, Any]]]
     ) -> None:
@@ -196,6 +202,10 @@ class ConversationLeg:
     def settled(self, seconds: float) -> None:
         if self._hub is not None and self.conversation:
             self._hub.settled(self.conversation, self.call_id, seconds)
+
+    def alert(self, message: dict[str, Any]) -> None:
+        if self._hub is not None and self.conversation:
+            self._hub.alert(self.conversation, message)
 
     def leave(self) -> None:
         if self._hub is not None and self.conversation:

@@ -260,7 +260,8 @@ class Publisher:
         return message
 
     async def conversation_so_far(self, conversation: str) -> list[dict[str, Any]]:
-        """A conversation's finals kept in its stream, in time order ([] if Redis is away)."""
+        """A conversation's finals kept in its stream, in time order ([] if Redis is away);
+        its alerts, kept there too, are left out."""
         if self._client is None:
             return []
         try:
@@ -268,10 +269,12 @@ class Publisher:
         except (RedisError, OSError) as exc:
             log.warning("conversation_unreadable", conversation=conversation, error=repr(exc))
             return []
-        return [json.loads(f[b"data"]) for _, f in entries or [] if f and b"data" in f]
+        kept = [json.loads(f[b"data"]) for _, f in entries or [] if f and b"data" in f]
+        return [m for m in kept if m.get("type") == "final"]
 
     def publish_conversation(self, conversation: str, message: dict[str, Any]) -> None:
-        """A final, again, on its conversation's channel and stream (streamsrv.conversation)."""
+        """A final or an alert, again, on its conversation's channel and stream
+        (streamsrv.conversation)."""
         self._enqueue(message, False, conversation)
 
     def publish(self, call_id: str, message: dict[str, Any], *, lifecycle: bool = False) -> None:

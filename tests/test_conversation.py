@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from streamsrv import corpus, events
-from streamsrv.conversation import ConversationMerger, LegResult, merge_legs
+from streamsrv.conversation import ConversationHub, ConversationMerger, LegResult, merge_legs
 from streamsrv.simulate import play_call
 from tests.e2e import Collector, get, make_settings, running_server
 from tests.postcall_helpers import drain, fresh_db, insert_job, shared_model, wav_bytes
@@ -40,6 +40,18 @@ def test_a_final_waits_until_the_other_leg_has_settled_past_its_start() -> None:
     assert [x["text"] for x in m.leave("agent")] == ["are you there"]
 
 
+def test_an_alert_goes_to_its_conversation_at_once() -> None:
+    out: list[tuple[str, dict[str, Any]]] = []
+    hub = ConversationHub(lambda conversation, message: out.append((conversation, message)))
+    hub.join("L3", "caller", 0.0, 0.0)
+    hub.join("L3", "agent", 0.0, 0.0)
+    hub.final("L3", "caller", final("caller", 2.0, "he hits me"))  # waits for the agent
+    alert = {"type": "alert", "call_id": "caller", "phrase": "he hits me", "segment": 0}
+    hub.alert("L3", alert)
+    hub.alert("L4", {**alert, "call_id": "elsewhere"})  # no such conversation here
+    assert out == [("L3", alert)]
+
+
 def test_an_ended_leg_holds_nobody_back_and_the_merger_knows_when_it_is_done() -> None:
     m = ConversationMerger("L2")
     m.join("a", 0.0, 0.0)
@@ -51,8 +63,10 @@ def test_an_ended_leg_holds_nobody_back_and_the_merger_knows_when_it_is_done() -
 
 
 @pytest.mark.e2e
-async def test_two_legs_of_one_conversation_in_time_order(settings_env):
-    settings = make_settings(settings_env)
+async def test_two_legs_of_one_conversation_in_time_order(settings_env, tmp_path):
+    rules = tmp_path / "alert-phrases"
+    rules.write_text("en [any]: re: \\w\n")  # every final with a word alerts
+    settings = make_settings(settings_env, ALERT_PHRASES=str(rules))
     caller = corpus.build_call(corpus.pick_prompts(3, 91), pause=2.5)
     agent = corpus.build_call(corpus.pick_prompts(3, 92), pause=2.5)
     ids = {"caller": str(uuid.uuid4()), "agent": str(uuid.uuid4())}
@@ -77,7 +91,14 @@ async def test_two_legs_of_one_conversation_in_time_order(settings_env):
             entries = await client.xrange(names.conversation_stream(conversation))
         finally:
             await client.aclose()
-    merged = [json.loads(fields[b"data"]) for _, fields in entries]
+    kept = [json.loads(fields[b"data"]) for _, fields in entries]
+    merged = [m for m in kept if m["type"] == "final"]
+    # every alert of both legs is on the conversation too, as on its call's channel
+    alerts = [m for m in kept if m["type"] == "alert"]
+    of_legs = [m for call_id in ids.values() for m in collected.by_call[call_id]]
+    assert alerts and sorted(alerts, key=lambda m: (m["call_id"], m["seq"])) == sorted(
+        (m for m in of_legs if m["type"] == "alert"), key=lambda m: (m["call_id"], m["seq"])
+    )
     per_leg = {
         role: [m for m in collected.by_call[call_id] if m["type"] == "final" and m["text"]]
         for role, call_id in ids.items()
