@@ -108,6 +108,8 @@ async def test_failed_and_taken_over_jobs_move_the_counters(
         assert value(after, "streamsrv_worker_jobs_running") == 0
         assert value(after, "streamsrv_worker_leases_lost_total", reason="expired") == 1
         assert value(after, "streamsrv_worker_leases_lost_total", reason="taken") == 0
+        # what its log lines say is read from the same counters
+        assert worker.metrics.totals() == {"done": 0, "retried": 0, "failed": 2, "lost": 1}
         # the orphan is failed unread: its lease expired more often than retries allow
         assert value(after, "streamsrv_worker_stage_duration_seconds_count", stage="read") == 1
         assert value(after, "streamsrv_worker_job_duration_seconds_count") == 0

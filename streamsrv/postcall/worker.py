@@ -107,7 +107,6 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.store = JobStore(settings)
         self.channel = events.Channels(settings.redis_channel_prefix).lifecycle
-        self.counts = {"done": 0, "retried": 0, "failed": 0, "lost": 0}
         self.metrics = WorkerMetrics()
         self.endpoint: MetricsEndpoint | None = None  # with WORKER_METRICS_PORT
         self._watch: QueueWatch | None = None
@@ -162,7 +161,7 @@ class Worker:
         if self._redis is not None:
             await self._redis.aclose()
         await self.store.close()
-        log.info("worker_stopped", worker=self.name, **self.counts)
+        log.info("worker_stopped", worker=self.name, **self.metrics.totals())
 
     def stop(self) -> None:
         """Signal handler: the first asks to finish the running jobs, the second to give them
@@ -209,7 +208,7 @@ class Worker:
                 if drain and not self._tasks:
                     waiting, next_in = await self.queue.waiting()
                     if waiting == 0:
-                        log.info("queue_drained", worker=self.name, **self.counts)
+                        log.info("queue_drained", worker=self.name, **self.metrics.totals())
                         break
                     wait = min(wait, max(0.05, next_in or 0.0))
             except DB_ERRORS as exc:
@@ -270,11 +269,9 @@ class Worker:
         finally:
             renewing.cancel()
         if not stored:
-            self.counts["lost"] += 1
             self.metrics.leases_lost.labels("taken").inc()
             bound.warning("job_lease_lost", detail="another worker took the job; result dropped")
             return
-        self.counts["done"] += 1
         self.metrics.done.inc()
         self.metrics.job_seconds.observe(time.perf_counter() - started)
         t = outcome.timings
@@ -324,11 +321,9 @@ class Worker:
         if status is None:
             self.metrics.leases_lost.labels("taken").inc()
         elif status == "queued":
-            self.counts["retried"] += 1
             self.metrics.retried.inc()
             bound.info("job_retry", in_seconds=self.queue.backoff(job.attempts), error=error)
         elif status == "failed":
-            self.counts["failed"] += 1
             self.metrics.failed.inc()
             bound.error("job_failed", error=error)
             await self._publish(

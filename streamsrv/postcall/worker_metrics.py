@@ -92,6 +92,20 @@ class WorkerMetrics:
         for state, n in overview.counts().items():
             self.queue.labels(state).set(n)
 
+    def totals(self) -> dict[str, int]:
+        """Jobs done, retried, failed and leases lost so far, for the worker's log lines."""
+        value = self.registry.get_sample_value
+        lost = sum(
+            value("streamsrv_worker_leases_lost_total", {"reason": reason}) or 0.0
+            for reason in ("expired", "taken", "renewal_failed")
+        )
+        return {
+            "done": int(value("streamsrv_worker_jobs_done_total") or 0),
+            "retried": int(value("streamsrv_worker_jobs_retried_total") or 0),
+            "failed": int(value("streamsrv_worker_jobs_failed_total") or 0),
+            "lost": int(lost),
+        }
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
