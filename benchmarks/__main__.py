@@ -13,7 +13,7 @@ from benchmarks import calls as bc
 from benchmarks import conversation, languages, report
 from benchmarks import harness as h
 from benchmarks.ingest import IngestResult, run_ingest
-from benchmarks.live import LiveResult, run_live
+from benchmarks.live import LiveResult, bench_calls, run_calls
 from benchmarks.offline import OfflineTranscriber
 from streamsrv.config import Settings
 
@@ -126,7 +126,8 @@ def do_sweep(
     results = []
     for n in counts:
         print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
-        results.append(run_live(n, seconds, seed, env, offline, env_file))
+        calls = bench_calls(n, seconds, seed)
+        results.append(run_calls(calls, seconds, seed, env, offline, env_file))
         print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
         if burst:
             print(f"burst: {n} call(s) ...", file=sys.stderr, flush=True)
@@ -144,7 +145,8 @@ def run_burst(
     env_file: Path,
     stagger: float = bc.BURST_STAGGER_SECONDS,
 ) -> LiveResult:
-    return run_live(n, 0.0, seed, env, offline, env_file, stagger, prompts=prompts)
+    calls = bench_calls(n, 0.0, seed, prompts)
+    return run_calls(calls, 0.0, seed, env, offline, env_file, stagger, prompts)
 
 
 def sweep_summary(results: list[LiveResult]) -> str:
@@ -180,8 +182,9 @@ def main(argv: list[str]) -> int:
     if args.command in ("live", "burst"):
         offline = OfflineTranscriber()
         prompts = args.prompts if args.command == "burst" else None
-        live = run_live(
-            args.calls, args.seconds, args.seed, env, offline, args.env_file, args.stagger, prompts
+        played = bench_calls(args.calls, args.seconds, args.seed, prompts)
+        live = run_calls(
+            played, args.seconds, args.seed, env, offline, args.env_file, args.stagger, prompts
         )
         results.append(live)
         body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"

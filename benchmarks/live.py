@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,34 +135,28 @@ async def _play_and_collect(
     return list(played), collector, before, after, rss, not_ended
 
 
-def run_live(
-    n_calls: int,
-    seconds: float,
-    seed: int,
-    env: dict[str, str],
-    offline: OfflineTranscriber,
-    env_file: Path = h.DEFAULT_ENV_FILE,
-    stagger: float = bc.STAGGER_SECONDS,
-    prompts: int | None = None,
-) -> LiveResult:
-    """Past capacity some calls may be served as postcall_only (their call_started says so):
-    they have no live transcript by design, so they are counted, not measured. With `prompts`,
-    each call is that many prompts long instead of about `seconds` (a burst of short calls)."""
-    calls = [
+def bench_calls(
+    n_calls: int, seconds: float, seed: int, prompts: int | None = None
+) -> list[bc.BenchCall]:
+    """The live benchmark's calls: about `seconds` each, or with `prompts` that many prompts
+    each (a burst of short calls)."""
+    return [
         bc.build_bench_call(call_seed(seed, i), seconds, prompts=prompts) for i in range(n_calls)
     ]
-    return run_calls(calls, seconds, seed, env, offline, env_file, stagger, prompts)
 
 
 def conversation_finals(settings: Settings, contexts: list[dict[str, str]]) -> int:
-    """Finals kept in the streams of the conversations the calls' contexts name."""
+    """Finals kept in the streams of the conversations the calls' contexts name (their
+    alerts, kept there too, left out)."""
     names = {c["conversation"] for c in contexts if "conversation" in c}
     channels = events.Channels(settings.redis_channel_prefix)
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return sum(int(client.xlen(channels.conversation_stream(n))) for n in names)
+        entries = [e for n in names for e in client.xrange(channels.conversation_stream(n)) or []]
+        kept = [json.loads(fields[b"data"]) for _, fields in entries if fields]
     finally:
         client.close()
+    return sum(m.get("type") == "final" for m in kept)
 
 
 def run_calls(
@@ -176,7 +171,9 @@ def run_calls(
     contexts: list[dict[str, str]] | None = None,
 ) -> LiveResult:
     """`calls` played into a fresh server and measured, each posted its context first (if
-    any); the offline baseline transcribes each in its own language."""
+    any); the offline baseline transcribes each in its own language. Past capacity some calls
+    may be served as postcall_only (their call_started says so): they have no live transcript
+    by design, so they are counted, not measured."""
     contexts = contexts or [{} for _ in calls]
     n_calls = len(calls)
     server = h.ServerProcess(env, env_file)
