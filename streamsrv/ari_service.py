@@ -25,6 +25,7 @@ import structlog
 from streamsrv.ari_client import AriClient, AriError, backoff
 from streamsrv.ari_watch import (
     Channel,
+    Connected,
     Continue,
     Entered,
     Leg,
@@ -119,6 +120,9 @@ class AriService:
                 entering.set_result(None)
         elif isinstance(decision, Continue):
             self._spawn(self._continue(decision.channel_id))
+        elif isinstance(decision, Connected):
+            for leg in decision.legs:
+                self._spawn(self._post_context(leg, {"agent": decision.agent}))
         elif isinstance(decision, Unwatch):
             self._spawn(self._unwatch(decision))
 

@@ -10,6 +10,10 @@ any request, and start with `<app>-`: so the StasisStart of our own channels is 
 it is, even when it comes before the reply that created them, and a cleanup knows every id
 whether or not its setup got that far.
 
+The agent's number is the watched channel's connected line: known at StasisStart when the
+channel was placed to an agent, else given by the ChannelConnectedLine event that Asterisk sends
+when the call is answered (a Dial or a Queue member), and then posted to both legs' context.
+
 A watch ends at the first of: the watched channel hanging up, or any of its snoop or
 externalMedia channels ending (the snoops end with the channel they hear; an externalMedia
 channel ends when streamsrv closes its socket).
@@ -82,11 +86,23 @@ class Channel:
     id: str
     name: str
     caller_number: str | None
+    connected_number: str | None = None  # the other party: the agent, once answered
 
     @classmethod
     def from_event(cls, channel: dict[str, Any]) -> Channel:
-        caller = channel.get("caller") or {}
-        return cls(str(channel["id"]), str(channel.get("name", "")), caller.get("number") or None)
+        return cls(
+            str(channel["id"]),
+            str(channel.get("name", "")),
+            _number(channel, "caller"),
+            _number(channel, "connected"),
+        )
+
+
+def _number(channel: dict[str, Any], which: str) -> str | None:
+    """A CallerID's number from an ARI Channel (`caller` or `connected`), None when empty."""
+    party = channel.get(which)
+    number = party.get("number") if isinstance(party, dict) else None
+    return str(number) if number else None
 
 
 def plan_legs(app: str, channel_id: str, new_uuid: Callable[[], uuid.UUID]) -> tuple[Leg, ...]:
@@ -109,6 +125,8 @@ def leg_context(
         context["conversation"] = linkedid
     if channel.caller_number:
         context["caller"] = channel.caller_number
+    if channel.connected_number:
+        context["agent"] = channel.connected_number
     context["tags"] = {"channel": channel.name, "uniqueid": channel.id, "spy": leg.spy}
     return context
 
@@ -145,7 +163,16 @@ class Unwatch:
     why: str
 
 
-Decision = Watch | Continue | Entered | Unwatch
+@dataclass(frozen=True)
+class Connected:
+    """The watched channel's connected line changed: the agent it now talks to."""
+
+    channel_id: str
+    legs: tuple[Leg, ...]
+    agent: str
+
+
+Decision = Watch | Continue | Entered | Connected | Unwatch
 
 
 @dataclass
@@ -184,6 +211,9 @@ class Watches:
             for leg in legs:
                 self._owner[leg.snoop_id] = self._owner[leg.media_id] = channel_id
             return Watch(Channel.from_event(channel), legs)
+        if kind == "ChannelConnectedLine" and channel_id in self._legs:
+            agent = _number(channel, "connected")
+            return Connected(channel_id, self._legs[channel_id], agent) if agent else None
         if kind in ENDING:
             if channel_id in self._owner:
                 return self.forget(self._owner[channel_id], f"{kind} of {channel_id}")

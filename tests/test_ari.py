@@ -21,6 +21,7 @@ from streamsrv import corpus
 from streamsrv.ari_client import backoff, basic_auth
 from streamsrv.ari_watch import (
     Channel,
+    Connected,
     Continue,
     Entered,
     Unwatch,
@@ -111,6 +112,31 @@ def test_a_watched_channel_entering_stasis_again_is_only_sent_on() -> None:
     assert watches.forget("1700.1", "test") is None
 
 
+def test_the_agent_is_the_connected_line_of_the_watched_channel() -> None:
+    watches = Watches("streamsrv", new_uuid=counter())
+    watch = watches.on_event(stasis_start("1700.1"))
+    assert isinstance(watch, Watch) and watch.channel.connected_number is None
+
+    def connected(channel_id: str, number: str) -> dict[str, Any]:
+        line = {"name": "", "number": number}
+        return {
+            **event("ChannelConnectedLine", channel_id),
+            "channel": {"id": channel_id, "connected": line},
+        }
+
+    assert watches.on_event(connected("1700.1", "2001")) == Connected("1700.1", watch.legs, "2001")
+    assert watches.on_event(connected("1700.1", "")) is None  # nothing to say
+    assert watches.on_event(connected("1700.9", "2001")) is None  # not watched
+    # a channel placed to an agent knows it when it enters: both legs' context says so
+    placed = stasis_start("1700.2")
+    placed["channel"]["connected"] = {"name": "", "number": "2002"}
+    second = watches.on_event(placed)
+    assert isinstance(second, Watch) and second.channel.connected_number == "2002"
+    assert {leg_context(leg, second.channel, None, None)["agent"] for leg in second.legs} == {
+        "2002"
+    }
+
+
 def test_leg_context_is_what_streamsrv_accepts() -> None:
     watches = Watches("streamsrv", new_uuid=counter())
     watch = watches.on_event(stasis_start("1700.1", "PJSIP/100-0000002a", "5551234"))
@@ -129,6 +155,7 @@ def test_leg_context_is_what_streamsrv_accepts() -> None:
     # no language variable, no caller number: those fields are left out, not sent empty
     bare = leg_context(agent, Channel("1700.1", "Local/s@x-1;2", None), "1699.0", None)
     assert "language" not in bare and "caller" not in bare and bare["role"] == "agent"
+    assert "agent" not in bare
     assert parse_context(bare, whisper_languages(), english_only=True).role == "agent"
 
 
@@ -202,7 +229,8 @@ def dialplan(caller: list[str], agent: list[str], agent_waits: float) -> str:
         + f" same => n,Playback({corpus.sounds_dir() / 'beep'})\n"
         + f" same => n,Log(NOTICE,streamsrv-test end {ends})\n same => n,Hangup()\n"
         + "exten => h,1,Log(NOTICE,streamsrv-test hangup cause=${HANGUPCAUSE})\n"
-        + f"[agent]\nexten => s,1,Answer()\n same => n,Wait({agent_waits:.1f})\n"
+        + "[agent]\nexten => s,1,Set(CONNECTEDLINE(num)=2001)\n same => n,Answer()\n"
+        + f" same => n,Wait({agent_waits:.1f})\n"
         + plays(agent)
         + " same => n,Hangup()\n"
     )
@@ -389,6 +417,7 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     assert {r: by_role[r]["call_id"] for r in by_role} == watching["legs"]
     for leg in legs:
         assert leg["conversation"] == linkedid and leg["caller"] == "5551234"
+        assert leg["agent"] == "2001"  # the connected line, once the agent answered
         assert leg["language"] == "en"
         assert leg["tags"]["uniqueid"] == watching["channel_id"]
         assert leg["tags"]["channel"] == watching["channel"]
