@@ -34,6 +34,7 @@ from streamsrv.ari_watch import (
     WatchConfig,
     Watches,
     leg_context,
+    sort_leftovers,
 )
 from streamsrv.config import Settings
 
@@ -243,7 +244,8 @@ class AriService:
         )
 
     async def _sweep(self) -> None:
-        """After a (re)connection: end the watches whose channel is gone (events were missed)."""
+        """After a (re)connection: end the watches whose channel is gone (events were missed),
+        then take over or remove what an earlier run left (streamsrv.ari_watch.sort_leftovers)."""
         for channel_id in self.watches.watched():
             try:
                 alive = await self.ari.channel_exists(channel_id)
@@ -253,3 +255,34 @@ class AriService:
                 unwatch = self.watches.forget(channel_id, "gone while disconnected")
                 if unwatch is not None:
                     self._spawn(self._unwatch(unwatch))
+        try:
+            channels, bridges = await asyncio.gather(self.ari.channels(), self.ari.bridges())
+        except FAILURES as exc:
+            log.warning("ari_leftovers_unread", error=str(exc))
+            return
+        left = sort_leftovers(self.ari.app, channels, bridges, self.watches.known())
+        for channel_id, legs in left.adopt.items():
+            if self.watches.adopt(channel_id, legs):
+                self._spawn(self._adopt(channel_id, legs))
+        if left.channels or left.bridges:
+            steps = [self.ari.hangup(i) for i in left.channels]
+            steps += [self.ari.destroy_bridge(i) for i in left.bridges]
+            results = await asyncio.gather(*steps, return_exceptions=True)
+            errors = [str(r) for r in results if isinstance(r, BaseException)]
+            log.info(
+                "ari_leftovers_removed",
+                channels=left.channels,
+                bridges=left.bridges,
+                errors=errors or None,
+            )
+
+    async def _adopt(self, channel_id: str, legs: tuple[Leg, ...]) -> None:
+        """Watch on a channel an earlier run set up: its hangup must reach this run."""
+        try:
+            await self.ari.subscribe_channel(channel_id)
+        except FAILURES as exc:  # gone in between: its legs go
+            unwatch = self.watches.forget(channel_id, f"not adopted: {exc}")
+            if unwatch is not None:
+                await self._teardown(unwatch)
+            return
+        log.info("ari_adopted", channel_id=channel_id, legs={leg.role: leg.call_id for leg in legs})

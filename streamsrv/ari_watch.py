@@ -14,6 +14,11 @@ The agent's number is the watched channel's connected line: known at StasisStart
 channel was placed to an agent, else given by the ChannelConnectedLine event that Asterisk sends
 when the call is answered (a Dial or a Queue member), and then posted to both legs' context.
 
+A run that was killed leaves its legs behind. The next run, once connected, sorts what carries
+our prefix and no watch of its own holds (sort_leftovers): a watched channel still up whose two
+legs are whole (each bridge holding its snoop and its externalMedia channel) is adopted and
+watched on, so its transcription goes on; anything else is removed.
+
 A watch ends at the first of: the watched channel hanging up, or any of its snoop or
 externalMedia channels ending (the snoops end with the channel they hear; an externalMedia
 channel ends when streamsrv closes its socket).
@@ -31,6 +36,7 @@ from streamsrv.config import Settings
 
 SPIES = (("in", "caller"), ("out", "agent"))  # snoop direction -> role of that leg
 ENDING = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+PARTS = ("bridge", "snoop", "media")
 
 
 @dataclass(frozen=True)
@@ -106,12 +112,85 @@ def _number(channel: dict[str, Any], which: str) -> str | None:
 
 
 def plan_legs(app: str, channel_id: str, new_uuid: Callable[[], uuid.UUID]) -> tuple[Leg, ...]:
-    legs = []
-    for spy, role in SPIES:
-        call_id = str(new_uuid())
-        stem = f"{app}-{spy}-{call_id}"
-        legs.append(Leg(spy, role, call_id, f"{stem}-bridge", f"{stem}-snoop", f"{stem}-media"))
-    return tuple(legs)
+    return tuple(make_leg(app, spy, str(new_uuid())) for spy, _ in SPIES)
+
+
+def make_leg(app: str, spy: str, call_id: str) -> Leg:
+    """A leg's ids: all of them follow from the app, the direction and the call id."""
+    stem = f"{app}-{spy}-{call_id}"
+    role = dict(SPIES)[spy]
+    return Leg(spy, role, call_id, f"{stem}-bridge", f"{stem}-snoop", f"{stem}-media")
+
+
+def leg_of(app: str, own_id: str) -> Leg | None:
+    """The leg an id made by make_leg belongs to; None for any other id."""
+    stem, _, part = own_id.rpartition("-")
+    spy, _, call_id = stem.removeprefix(f"{app}-").partition("-")
+    if not stem.startswith(f"{app}-") or spy not in dict(SPIES) or part not in PARTS:
+        return None
+    try:
+        if str(uuid.UUID(call_id)) != call_id:
+            return None
+    except ValueError:
+        return None
+    return make_leg(app, spy, call_id)
+
+
+def snooped(channel: dict[str, Any]) -> str | None:
+    """The channel a snoop channel hears, from its name (`Snoop/<uniqueid>-<sequence>`)."""
+    name = str(channel.get("name", ""))
+    if not name.startswith("Snoop/"):
+        return None
+    return name.removeprefix("Snoop/").rpartition("-")[0] or None
+
+
+def _ids(leg: Leg) -> tuple[str, str, str]:
+    return (leg.bridge_id, leg.snoop_id, leg.media_id)
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """What an earlier run left in Asterisk: watches to take over, and what to remove."""
+
+    adopt: dict[str, tuple[Leg, ...]]  # watched channel id -> its two legs, whole
+    channels: list[str]  # to hang up
+    bridges: list[str]  # to destroy
+
+
+def sort_leftovers(
+    app: str, channels: list[dict[str, Any]], bridges: list[dict[str, Any]], known: set[str]
+) -> Leftovers:
+    """Sort the ids of ours (by their prefix) that no watch in `known` holds."""
+    up = {str(c.get("id")) for c in channels}
+    members = {str(b.get("id")): set(map(str, b.get("channels") or [])) for b in bridges}
+    own_channels = {i for i in up if leg_of(app, i) is not None and i not in known}
+    own_bridges = {i for i in members if leg_of(app, i) is not None and i not in known}
+    hears: dict[str, set[Leg]] = {}  # watched channel id -> legs whose snoop hears it
+    for channel in channels:
+        channel_id, watched = str(channel.get("id")), snooped(channel)
+        leg = leg_of(app, channel_id)
+        if (
+            leg is not None
+            and watched
+            and channel_id == leg.snoop_id
+            and channel_id in own_channels
+        ):
+            hears.setdefault(watched, set()).add(leg)
+    adopt: dict[str, tuple[Leg, ...]] = {}
+    for watched, legs in hears.items():
+        whole = {
+            leg.spy: leg
+            for leg in legs
+            if {leg.snoop_id, leg.media_id} <= members.get(leg.bridge_id, set()) & up
+        }
+        if watched in up and len(whole) == len(SPIES):
+            adopt[watched] = tuple(whole[spy] for spy, _ in SPIES)
+    kept = {i for legs in adopt.values() for leg in legs for i in _ids(leg)}
+    return Leftovers(
+        adopt,
+        sorted(i for i in own_channels if i not in kept),
+        sorted(i for i in own_bridges if i not in kept),
+    )
 
 
 def leg_context(
@@ -189,6 +268,19 @@ class Watches:
 
     def watched(self) -> list[str]:
         return list(self._legs)
+
+    def known(self) -> set[str]:
+        """The ids of everything the watches made or are making."""
+        return {i for legs in self._legs.values() for leg in legs for i in _ids(leg)}
+
+    def adopt(self, channel_id: str, legs: tuple[Leg, ...]) -> bool:
+        """Watch on what an earlier run set up (see sort_leftovers); False if watched already."""
+        if channel_id in self._legs:
+            return False
+        self._legs[channel_id] = legs
+        for leg in legs:
+            self._owner[leg.snoop_id] = self._owner[leg.media_id] = channel_id
+        return True
 
     def is_own(self, channel_id: str) -> bool:
         return channel_id.startswith(f"{self.app}-")

@@ -29,6 +29,7 @@ from streamsrv.ari_watch import (
     WatchConfig,
     Watches,
     leg_context,
+    sort_leftovers,
 )
 from streamsrv.config import ConfigError, Settings
 from streamsrv.context import parse_context, whisper_languages
@@ -40,8 +41,8 @@ from tests.serverproc import server_process, subprocess_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def counter() -> Callable[[], uuid.UUID]:
-    numbers = iter(range(1, 1000))
+def counter(start: int = 1) -> Callable[[], uuid.UUID]:
+    numbers = iter(range(start, start + 1000))
     return lambda: uuid.UUID(int=next(numbers))
 
 
@@ -135,6 +136,48 @@ def test_the_agent_is_the_connected_line_of_the_watched_channel() -> None:
     assert {leg_context(leg, second.channel, None, None)["agent"] for leg in second.legs} == {
         "2002"
     }
+
+
+def test_what_a_killed_run_left_is_adopted_when_whole_and_removed_otherwise() -> None:
+    """Three channels watched by a run that was killed: one still up with both legs whole
+    (adopted), one still up with a leg whose externalMedia channel is gone, one hung up
+    (their snoops ended with it). Besides them: a watch of this run, and others' things."""
+    earlier = Watches("streamsrv", new_uuid=counter())
+    whole, broken, ended = (earlier.on_event(stasis_start(f"1700.{i}")) for i in (1, 2, 3))
+    assert isinstance(whole, Watch) and isinstance(broken, Watch) and isinstance(ended, Watch)
+    channels = [{"id": f"1700.{i}", "name": f"PJSIP/10{i}-1"} for i in (1, 2)]
+    channels.append({"id": "other-app-1", "name": "PJSIP/200-1"})  # not ours
+    bridges = [{"id": "conference", "channels": ["1700.2"]}]  # not ours
+    for watch in (whole, broken, ended):
+        for leg in watch.legs:
+            present = [leg.media_id]
+            if watch is not ended:
+                name = f"Snoop/{watch.channel.id}-0000000{len(channels)}"
+                channels.append({"id": leg.snoop_id, "name": name})
+                present.append(leg.snoop_id)
+            if watch is broken and leg.spy == "out":
+                present.remove(leg.media_id)  # streamsrv closed it
+            else:
+                channels.append({"id": leg.media_id, "name": "AudioSocket/127.0.0.1:1-1"})
+            bridges.append({"id": leg.bridge_id, "channels": present})
+    now = Watches("streamsrv", new_uuid=counter(5000))
+    mine = now.on_event(stasis_start("1800.1"))
+    assert isinstance(mine, Watch)
+    for leg in mine.legs:  # being set up by this run: not a leftover
+        channels.append({"id": leg.snoop_id, "name": "Snoop/1800.1-00000009"})
+        bridges.append({"id": leg.bridge_id, "channels": []})
+
+    left = sort_leftovers("streamsrv", channels, bridges, now.known())
+    assert left.adopt == {"1700.1": whole.legs}
+    gone = [*broken.legs, *ended.legs]
+    assert left.bridges == sorted(leg.bridge_id for leg in gone)
+    assert left.channels == sorted(
+        i for leg in gone for i in (leg.snoop_id, leg.media_id) if i in {c["id"] for c in channels}
+    )
+    # adopted, the watch ends as any other: at the end of one of its channels
+    assert now.adopt("1700.1", whole.legs) and not now.adopt("1700.1", whole.legs)
+    ended_watch = now.on_event(event("StasisEnd", whole.legs[0].snoop_id))
+    assert isinstance(ended_watch, Unwatch) and ended_watch.legs == whole.legs
 
 
 def test_leg_context_is_what_streamsrv_accepts() -> None:
@@ -444,6 +487,80 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     assert "streamsrv-test hangup cause=16" in log
     assert ari.proc is not None and ari.proc.returncode == 0
     assert ari.events("ari_stopped") and not ari.events("ari_watch_failed")
+
+
+@pytest.mark.e2e
+@skip_without_asterisk
+async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
+    settings_env: dict[str, str],
+) -> None:
+    """`streamsrv ari` is killed (SIGKILL: no cleanup) right after it set up a call's legs; the
+    next run takes them over: the agent, who speaks only after that, is still transcribed on
+    the same leg, and at the hangup nothing of ours is left in Asterisk."""
+    caller_prompts = corpus.pick_prompts(1, 46)
+    agent_prompts = [p for p in corpus.pick_prompts(3, 47) if p not in caller_prompts][:2]
+    agent_ref = " ".join(corpus.texts()[p] for p in agent_prompts)
+    extensions = dialplan(caller_prompts, agent_prompts, seconds(caller_prompts) + 4)
+    async with bridged_setup(settings_env, extensions) as (server, asterisk, ari, rest):
+        await asterisk.rx("channel originate Local/s@caller extension s@phone")
+        watching = await ari.wait_event("ari_watching")
+        assert ari.proc is not None
+        ari.proc.kill()
+        await ari.proc.wait()
+        left = await ari_get(rest, "/bridges")
+        successor = AriProcess(ari.env)
+        await successor.start()
+        try:
+            adopted = await successor.wait_event("ari_adopted")
+            unwatched = await successor.wait_event("ari_unwatched", within=120)
+            legs = await ended_legs(server, watching["conversation"], 2)
+            bridges = await ari_get(rest, "/bridges")
+            channels = await ari_get(rest, "/channels")
+        finally:
+            assert await successor.stop() == 0
+        log = asterisk.log
+    assert len([b for b in left if b["id"].startswith("streamsrv-")]) == 2  # both legs' bridges
+    assert adopted["channel_id"] == watching["channel_id"]
+    assert adopted["legs"] == watching["legs"]
+    assert unwatched["channel_id"] == watching["channel_id"] and not unwatched["errors"]
+    assert not successor.events("ari_watching")  # no second pair of legs
+    assert not successor.events("ari_leftovers_removed")
+    by_role = {leg["role"]: leg for leg in legs}
+    assert {r: by_role[r]["call_id"] for r in by_role} == watching["legs"]
+    agent_text = by_role["agent"]["live_transcript"]
+    assert overlap(agent_ref, agent_text) >= 0.5, (agent_ref, agent_text)
+    assert bridges == [] and channels == [], (bridges, channels)
+    assert f"end linkedid={watching['conversation']} dial=ANSWER playback=SUCCESS" in log
+
+
+@pytest.mark.e2e
+@skip_without_asterisk
+async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
+    settings_env: dict[str, str],
+) -> None:
+    caller_prompts = corpus.pick_prompts(1, 48)
+    extensions = dialplan(caller_prompts, caller_prompts, 1.0)
+    async with bridged_setup(settings_env, extensions) as (_, asterisk, ari, rest):
+        await asterisk.rx("channel originate Local/s@caller extension s@phone")
+        watching = await ari.wait_event("ari_watching")
+        assert ari.proc is not None
+        ari.proc.kill()
+        await ari.proc.wait()
+        await until(lambda: "streamsrv-test hangup" in asterisk.log, 60, "the call's end")
+        left = await ari_get(rest, "/bridges")
+        successor = AriProcess(ari.env)
+        await successor.start()
+        try:
+            removed = await successor.wait_event("ari_leftovers_removed")
+            bridges = await ari_get(rest, "/bridges")
+            channels = await ari_get(rest, "/channels")
+        finally:
+            assert await successor.stop() == 0
+    legs = watching["legs"].values()
+    assert sorted(b["id"] for b in left) == sorted(removed["bridges"])
+    assert all(any(call_id in b for b in removed["bridges"]) for call_id in legs)
+    assert not successor.events("ari_adopted") and not removed["errors"]
+    assert bridges == [] and channels == [], (bridges, channels)
 
 
 @pytest.mark.e2e
