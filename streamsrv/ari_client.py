@@ -103,6 +103,10 @@ class AriClient:
     async def channel_exists(self, channel_id: str) -> bool:
         return await self._gone_ok("GET", f"/channels/{channel_id}")
 
+    async def channel(self, channel_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = await self._call("GET", f"/channels/{channel_id}")
+        return found
+
     async def channels(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = await self._call("GET", "/channels")
         return found

@@ -23,6 +23,7 @@ import aiohttp
 import structlog
 
 from streamsrv.ari_client import AriClient, AriError, backoff
+from streamsrv.ari_metrics import AriMetrics
 from streamsrv.ari_watch import (
     Channel,
     Connected,
@@ -37,6 +38,7 @@ from streamsrv.ari_watch import (
     sort_leftovers,
 )
 from streamsrv.config import Settings
+from streamsrv.metrics_endpoint import MetricsEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +56,8 @@ class AriService:
         self._setups: dict[str, asyncio.Task[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._entering: dict[str, asyncio.Future[None]] = {}  # our channels not yet in the app
+        self.metrics = AriMetrics(lambda: len(self.watches))
+        self.endpoint: MetricsEndpoint | None = None  # with ARI_METRICS_PORT
 
     async def run(self) -> None:
         stop = asyncio.Event()
@@ -74,6 +78,7 @@ class AriService:
                 audiosocket=self.config.audiosocket_address,
                 streamsrv=self.config.streamsrv_url,
             )
+            await self._serve_metrics()
             follower = asyncio.create_task(self._follow())
             await stop.wait()
             follower.cancel()
@@ -86,7 +91,20 @@ class AriService:
                     self._spawn(self._unwatch(unwatch))
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=STOP_SECONDS)
+            if self.endpoint is not None:
+                await self.endpoint.close()
         log.info("ari_stopped")
+
+    async def _serve_metrics(self) -> None:
+        s = self.settings
+        if not s.ari_metrics_port:
+            return
+        self.endpoint = MetricsEndpoint(self.metrics.registry)
+        try:
+            await self.endpoint.start(s.ari_metrics_host, s.ari_metrics_port)
+        except OSError as exc:
+            raise OSError(f"ARI_METRICS_PORT {s.ari_metrics_port}: {exc.strerror or exc}") from exc
+        log.info("ari_metrics_listening", host=s.ari_metrics_host, port=self.endpoint.port)
 
     async def _follow(self) -> None:
         attempt = failures = 0
@@ -96,11 +114,15 @@ class AriService:
                 async with self.ari.events() as events:
                     log.info("ari_connected", ari=self.settings.ari_url, app=self.ari.app)
                     connected, attempt, failures = True, 0, 0
+                    self.metrics.connected.set(1)
+                    self.metrics.connections.inc()
                     self._spawn(self._sweep())
                     async for event in events:
                         self._dispatch(event, time.monotonic())
+                self.metrics.connected.set(0)
                 log.warning("ari_disconnected")
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self.metrics.connected.set(0)
                 if connected:  # the stream broke rather than closed
                     log.warning("ari_disconnected", error=repr(exc))
                 else:
@@ -144,16 +166,21 @@ class AriService:
     async def _watch(self, watch: Watch, received: float) -> None:
         channel = watch.channel
         if not await self._continue(channel.id):
+            self.metrics.watches.labels("not_continued").inc()
             self.watches.forget(channel.id, "not continued")  # nothing was made yet
             self._setups.pop(channel.id, None)
             return
         continued_ms = (time.monotonic() - received) * 1000
         try:
             await self.ari.subscribe_channel(channel.id)  # its hangup, now it left Stasis
-            language, linkedid = await asyncio.gather(
+            # read after subscribing: a connected line set before is in it, one after comes
+            # as ChannelConnectedLine
+            language, linkedid, now = await asyncio.gather(
                 self.ari.variable(channel.id, self.config.language_variable),
                 self.ari.variable(channel.id, LINKEDID),
+                self.ari.channel(channel.id),
             )
+            channel = Channel.from_event(now)
             results = await asyncio.gather(
                 *(self._leg(channel, leg, linkedid, language) for leg in watch.legs),
                 return_exceptions=True,
@@ -163,10 +190,14 @@ class AriService:
                     raise result
         except FAILURES as exc:
             log.warning("ari_watch_failed", channel=channel.name, error=str(exc))
+            self.metrics.watches.labels("failed").inc()
             unwatch = self.watches.forget(channel.id, "setup failed")
             if unwatch is not None:
                 await self._teardown(unwatch)
             return
+        setup_seconds = time.monotonic() - received
+        self.metrics.watches.labels("watching").inc()
+        self.metrics.setup_seconds.observe(setup_seconds)
         log.info(
             "ari_watching",
             channel=channel.name,
@@ -175,7 +206,7 @@ class AriService:
             language=language,
             legs={leg.role: leg.call_id for leg in watch.legs},
             continued_ms=round(continued_ms, 1),
-            setup_ms=round((time.monotonic() - received) * 1000, 1),
+            setup_ms=round(setup_seconds * 1000, 1),
         )
 
     async def _leg(
@@ -218,8 +249,10 @@ class AriService:
                     status, text = response.status, await response.text()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("ari_context_failed", call_id=leg.call_id, error=repr(exc))
+            self.metrics.context_failures.inc()
             return
         if status >= 300:
+            self.metrics.context_failures.inc()
             log.warning("ari_context_refused", call_id=leg.call_id, status=status, error=text)
 
     async def _unwatch(self, unwatch: Unwatch) -> None:
@@ -269,6 +302,7 @@ class AriService:
             steps += [self.ari.destroy_bridge(i) for i in left.bridges]
             results = await asyncio.gather(*steps, return_exceptions=True)
             errors = [str(r) for r in results if isinstance(r, BaseException)]
+            self.metrics.leftovers_removed.inc(len(steps) - len(errors))
             log.info(
                 "ari_leftovers_removed",
                 channels=left.channels,
@@ -285,4 +319,5 @@ class AriService:
             if unwatch is not None:
                 await self._teardown(unwatch)
             return
+        self.metrics.adopted.inc()
         log.info("ari_adopted", channel_id=channel_id, legs={leg.role: leg.call_id for leg in legs})

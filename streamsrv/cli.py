@@ -125,7 +125,11 @@ def cmd_ari(args: argparse.Namespace) -> int:
     from streamsrv.ari_service import AriService
 
     settings = _settings(args.env_file)
-    _run(AriService(settings).run())
+    try:
+        _run(AriService(settings).run())
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
     return 0
 
 

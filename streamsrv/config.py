@@ -203,6 +203,8 @@ class Settings:
     ari_audiosocket_address: str = _var("ARI_AUDIOSOCKET_ADDRESS", "")
     ari_streamsrv_url: str = _var("ARI_STREAMSRV_URL", "")
     ari_language_variable: str = _var("ARI_LANGUAGE_VARIABLE", "STREAMSRV_LANGUAGE")
+    ari_metrics_host: str = _var("ARI_METRICS_HOST", "127.0.0.1")
+    ari_metrics_port: int = _var("ARI_METRICS_PORT", 9108, int)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -445,6 +447,7 @@ def _ari_checks(s: Settings) -> list[tuple[bool, str]]:
             re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", s.ari_language_variable) is not None,
             "ARI_LANGUAGE_VARIABLE: a channel variable name",
         ),
+        (0 <= s.ari_metrics_port <= 65535, "ARI_METRICS_PORT: 0 (off) to 65535"),
     ]
 
 

@@ -347,6 +347,23 @@ class AriProcess:
         return self.proc.returncode
 
 
+async def scrape(ari: AriProcess) -> str:
+    """GET /metrics of a running `streamsrv ari`."""
+    url = f"http://127.0.0.1:{ari.env['ARI_METRICS_PORT']}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample of a scrape; a series that is not there fails the test."""
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {want} in {text}")
+
+
 async def until(
     condition: Callable[[], bool], within: float, what: str, ari: AriProcess | None = None
 ) -> None:
@@ -377,6 +394,7 @@ async def bridged_setup(
                 "ARI_PASSWORD": ARI_PASSWORD,
                 "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{server.audiosocket_port}",
                 "ARI_STREAMSRV_URL": f"http://127.0.0.1:{server.http_port}",
+                "ARI_METRICS_PORT": str(free_port()),
             }
         )
         try:
@@ -443,7 +461,9 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     async with bridged_setup(settings_env, extensions) as (server, asterisk, ari, rest):
         await asterisk.rx("channel originate Local/s@caller extension s@phone")
         watching = await ari.wait_event("ari_watching")
+        during = await scrape(ari)
         unwatched = await ari.wait_event("ari_unwatched", within=120)
+        after = await scrape(ari)
         linkedid = watching["conversation"]
         legs = await ended_legs(server, linkedid, 2)
         status, body = await server.get(f"/conversations/{linkedid}")
@@ -487,6 +507,17 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     assert "streamsrv-test hangup cause=16" in log
     assert ari.proc is not None and ari.proc.returncode == 0
     assert ari.events("ari_stopped") and not ari.events("ari_watch_failed")
+    # what an operator's Prometheus sees of it
+    assert sample(during, "streamsrv_ari_connected") == 1
+    assert sample(during, "streamsrv_ari_watched_channels") == 1
+    assert sample(after, "streamsrv_ari_watched_channels") == 0
+    assert sample(after, "streamsrv_ari_watches_total", outcome="watching") == 1
+    assert sample(after, "streamsrv_ari_watches_total", outcome="failed") == 0
+    assert sample(after, "streamsrv_ari_setup_seconds_count") == 1
+    assert sample(after, "streamsrv_ari_setup_seconds_sum") == pytest.approx(
+        watching["setup_ms"] / 1000, abs=0.002
+    )
+    assert sample(after, "streamsrv_ari_context_failures_total") == 0
 
 
 @pytest.mark.e2e
@@ -512,6 +543,7 @@ async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
         await successor.start()
         try:
             adopted = await successor.wait_event("ari_adopted")
+            metrics = await scrape(successor)
             unwatched = await successor.wait_event("ari_unwatched", within=120)
             legs = await ended_legs(server, watching["conversation"], 2)
             bridges = await ari_get(rest, "/bridges")
@@ -525,6 +557,8 @@ async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
     assert unwatched["channel_id"] == watching["channel_id"] and not unwatched["errors"]
     assert not successor.events("ari_watching")  # no second pair of legs
     assert not successor.events("ari_leftovers_removed")
+    assert sample(metrics, "streamsrv_ari_adopted_total") == 1
+    assert sample(metrics, "streamsrv_ari_watched_channels") == 1
     by_role = {leg["role"]: leg for leg in legs}
     assert {r: by_role[r]["call_id"] for r in by_role} == watching["legs"]
     agent_text = by_role["agent"]["live_transcript"]
@@ -552,6 +586,7 @@ async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
         await successor.start()
         try:
             removed = await successor.wait_event("ari_leftovers_removed")
+            metrics = await scrape(successor)
             bridges = await ari_get(rest, "/bridges")
             channels = await ari_get(rest, "/channels")
         finally:
@@ -560,6 +595,9 @@ async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
     assert sorted(b["id"] for b in left) == sorted(removed["bridges"])
     assert all(any(call_id in b for b in removed["bridges"]) for call_id in legs)
     assert not successor.events("ari_adopted") and not removed["errors"]
+    assert sample(metrics, "streamsrv_ari_leftovers_removed_total") == len(
+        removed["channels"] + removed["bridges"]
+    )
     assert bridges == [] and channels == [], (bridges, channels)
 
 
@@ -607,6 +645,7 @@ async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
             "ARI_PASSWORD": ARI_PASSWORD,
             "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{closed}",
             "ARI_STREAMSRV_URL": f"http://127.0.0.1:{closed}",
+            "ARI_METRICS_PORT": str(free_port()),
         }
     )
     try:
@@ -616,6 +655,7 @@ async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
         await asterisk.rx("channel originate Local/s@caller extension s@phone")
         failed = await ari.wait_event("ari_watch_failed")
         unwatched = await ari.wait_event("ari_unwatched")
+        metrics = await scrape(ari)
         await until(lambda: "streamsrv-test hangup" in asterisk.log, 60, "the call's end")
         async with aiohttp.ClientSession(
             base_url=f"http://127.0.0.1:{ari_port}",
@@ -630,5 +670,9 @@ async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
         asterisk.remove()
     assert failed["channel"].startswith("Local/s@caller-") and unwatched["why"] == "setup failed"
     assert ari.events("ari_context_failed")  # logged, and the leg was tried without it
+    assert sample(metrics, "streamsrv_ari_watches_total", outcome="failed") == 1
+    assert sample(metrics, "streamsrv_ari_watches_total", outcome="watching") == 0
+    assert sample(metrics, "streamsrv_ari_context_failures_total") >= 1
+    assert sample(metrics, "streamsrv_ari_watched_channels") == 0
     assert bridges == [] and channels == []
     assert "dial=ANSWER playback=SUCCESS" in log and "streamsrv-test hangup cause=16" in log

@@ -1,5 +1,5 @@
 """configs/grafana/streamsrv.json stays true: every metric its queries use is exported by the
-server or the worker, and it loads in any Grafana (unique panel ids, every panel placed, the
+server, the worker or `streamsrv ari`, and it loads in any Grafana (unique panel ids, every panel placed, the
 Prometheus data source chosen by a variable)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from streamsrv.ari_metrics import AriMetrics
 from streamsrv.metrics import Metrics
 from streamsrv.postcall.worker_metrics import WorkerMetrics
 
@@ -41,6 +42,7 @@ def targets(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_every_metric_queried_is_exported() -> None:
     known = exported(Metrics().registry) | exported(WorkerMetrics().registry)
+    known |= exported(AriMetrics(lambda: 0).registry)
     used = {
         name
         for target in targets(load())

@@ -35,9 +35,10 @@ from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.conversation import merge_legs
 from streamsrv.jobs import JobStore
+from streamsrv.metrics_endpoint import MetricsEndpoint
 from streamsrv.postcall.cache import ResultCache, cache_key
 from streamsrv.postcall.transcribe import Outcome, PostcallModel
-from streamsrv.postcall.worker_metrics import MetricsEndpoint, WorkerMetrics
+from streamsrv.postcall.worker_metrics import WorkerMetrics
 from streamsrv.queue_watch import QueueWatch
 from streamsrv.repositories import Job, JobRepository
 
@@ -140,7 +141,7 @@ class Worker:
         s = self.settings
         if not s.worker_metrics_port:
             return
-        self.endpoint = MetricsEndpoint(self.metrics)
+        self.endpoint = MetricsEndpoint(self.metrics.registry)
         try:
             await self.endpoint.start(s.worker_metrics_host, s.worker_metrics_port)
         except OSError as exc:

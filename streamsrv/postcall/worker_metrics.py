@@ -1,5 +1,5 @@
 """The worker's Prometheus metrics, in a registry of its own, served on WORKER_METRICS_HOST:
-WORKER_METRICS_PORT (aiohttp, on the worker's loop). Every worker process has its own port, so
+WORKER_METRICS_PORT (streamsrv.metrics_endpoint). Every worker process has its own port, so
 Prometheus sees each one as a target of its own; the queue's gauges are the same from any of
 them (they are read from Postgres), the counters are the process's."""
 
@@ -7,15 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from streamsrv.repositories import QueueOverview
 
@@ -105,42 +97,3 @@ class WorkerMetrics:
             "failed": int(value("streamsrv_worker_jobs_failed_total") or 0),
             "lost": int(lost),
         }
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class MetricsEndpoint:
-    """GET /metrics of one WorkerMetrics on a host and port of its own."""
-
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self._metrics = metrics
-        self.app = web.Application()
-        self.app.router.add_get("/metrics", self._render)
-        self._runner: web.AppRunner | None = None
-
-    async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, host, port).start()
-        except OSError:
-            await self.close()
-            raise
-
-    @property
-    def port(self) -> int:
-        assert self._runner is not None
-        for address in self._runner.addresses:
-            return int(address[1])
-        raise RuntimeError("the worker's metrics are not served")
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _render(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
