@@ -65,7 +65,7 @@ def test_the_shipped_example_parses_and_alerts_in_both_languages() -> None:
         ("en:", "no words in the phrase"),
         ("en: ?!", "no words in the phrase"),
         ("en: re:", "an empty regular expression"),
-        ("en: re: (kill", "bad regular expression '(kill': missing ), unterminated subpattern"),
+        ("en: re: (kill", "bad regular expression '(kill': missing ) at position 5"),
         ("en: /[a-/", "bad regular expression"),
         ("en: re: (kill)?", "matches the empty text"),
         ("en: //", "an empty regular expression"),
@@ -154,6 +154,19 @@ def test_a_long_text_is_cut_so_matching_stays_bounded() -> None:
     assert found(rules, "en", text) == []  # past MAX_TEXT_CHARS
     assert len(alerts.normalise(text)) < alerts.MAX_TEXT_CHARS
     assert found(rules, "en", "word " * 10 + "kill myself") == ["kill myself"]
+
+
+def test_a_pattern_that_backtracks_without_end_is_given_up_and_the_others_still_alert(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """(a|aa)+$ on forty a's and a c backtracks exponentially: with `re` this search would not
+    end in any useful time, on the event loop every call shares."""
+    rules = alerts.parse("en: re: (a|aa)+$\nen: kill myself\n")
+    text = "kill myself " + "a" * 40 + " c"
+    assert found(rules, "en", text) == ["kill myself"]
+    assert "alert_pattern_timeout" in capsys.readouterr().out
+    # the same rule still alerts where it can match
+    assert found(rules, "en", "aaaa") == ["(a|aa)+$"]
 
 
 WORDS = st.lists(st.sampled_from(["kill", "myself", "i", "will", "he", "hits", "me", "x"]))
@@ -311,7 +324,7 @@ def test_settings_read_the_file_once_and_report_its_problems(tmp_path: Path) -> 
         Settings.from_mapping({"ALERT_PHRASES": str(bad), "BATCH_SIZE": "0"})
     assert caught.value.problems[:2] == [
         f"ALERT_PHRASES: {bad}:2: bad regular expression '(': "
-        "missing ), unterminated subpattern at position 0",
+        "missing ) at position 1",
         f"ALERT_PHRASES: {bad}:3: expected `LANGUAGE: phrase` or `LANGUAGE [label]: phrase`: "
         "'not a rule'",
     ]

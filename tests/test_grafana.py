@@ -1,6 +1,6 @@
 """configs/grafana/streamsrv.json stays true: every metric its queries use is exported by the
-server, the worker or `streamsrv ari`, and it loads in any Grafana (unique panel ids, every panel placed, the
-Prometheus data source chosen by a variable)."""
+server, the worker or `streamsrv ari`, and it loads in any Grafana (unique panel ids, every
+panel placed, the Prometheus data source chosen by a variable)."""
 
 from __future__ import annotations
 
