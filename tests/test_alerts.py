@@ -323,8 +323,7 @@ def test_settings_read_the_file_once_and_report_its_problems(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as caught:
         Settings.from_mapping({"ALERT_PHRASES": str(bad), "BATCH_SIZE": "0"})
     assert caught.value.problems[:2] == [
-        f"ALERT_PHRASES: {bad}:2: bad regular expression '(': "
-        "missing ) at position 1",
+        f"ALERT_PHRASES: {bad}:2: bad regular expression '(': missing ) at position 1",
         f"ALERT_PHRASES: {bad}:3: expected `LANGUAGE: phrase` or `LANGUAGE [label]: phrase`: "
         "'not a rule'",
     ]
