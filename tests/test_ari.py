@@ -332,6 +332,12 @@ class AriProcess:
         await until(lambda: len(self.events(name)) >= count, within, f"{name} x{count}", self)
         return self.events(name)[count - 1]
 
+    async def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
     async def stop(self) -> int:
         assert self.proc is not None
         if self.proc.returncode is None:
@@ -535,9 +541,7 @@ async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
     async with bridged_setup(settings_env, extensions) as (server, asterisk, ari, rest):
         await asterisk.rx("channel originate Local/s@caller extension s@phone")
         watching = await ari.wait_event("ari_watching")
-        assert ari.proc is not None
-        ari.proc.kill()
-        await ari.proc.wait()
+        await ari.kill()
         left = await ari_get(rest, "/bridges")
         successor = AriProcess(ari.env)
         await successor.start()
@@ -577,9 +581,7 @@ async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
     async with bridged_setup(settings_env, extensions) as (_, asterisk, ari, rest):
         await asterisk.rx("channel originate Local/s@caller extension s@phone")
         watching = await ari.wait_event("ari_watching")
-        assert ari.proc is not None
-        ari.proc.kill()
-        await ari.proc.wait()
+        await ari.kill()
         await until(lambda: "streamsrv-test hangup" in asterisk.log, 60, "the call's end")
         left = await ari_get(rest, "/bridges")
         successor = AriProcess(ari.env)
