@@ -31,6 +31,7 @@ from streamsrv.ari_watch import (
     Entered,
     Leg,
     Unwatch,
+    Variables,
     Watch,
     WatchConfig,
     Watches,
@@ -175,14 +176,16 @@ class AriService:
             await self.ari.subscribe_channel(channel.id)  # its hangup, now it left Stasis
             # read after subscribing: a connected line set before is in it, one after comes
             # as ChannelConnectedLine
-            language, linkedid, now = await asyncio.gather(
-                self.ari.variable(channel.id, self.config.language_variable),
+            linkedid, language, queue, now = await asyncio.gather(
                 self.ari.variable(channel.id, LINKEDID),
+                self.ari.variable(channel.id, self.config.language_variable),
+                self.ari.variable(channel.id, self.config.queue_variable),
                 self.ari.channel(channel.id),
             )
             channel = Channel.from_event(now)
+            variables = Variables(linkedid, language, queue)
             results = await asyncio.gather(
-                *(self._leg(channel, leg, linkedid, language) for leg in watch.legs),
+                *(self._leg(channel, leg, variables) for leg in watch.legs),
                 return_exceptions=True,
             )
             for result in results:
@@ -202,17 +205,16 @@ class AriService:
             "ari_watching",
             channel=channel.name,
             channel_id=channel.id,
-            conversation=linkedid,
-            language=language,
+            conversation=variables.linkedid,
+            language=variables.language,
+            queue=variables.queue,
             legs={leg.role: leg.call_id for leg in watch.legs},
             continued_ms=round(continued_ms, 1),
             setup_ms=round(setup_seconds * 1000, 1),
         )
 
-    async def _leg(
-        self, channel: Channel, leg: Leg, linkedid: str | None, language: str | None
-    ) -> None:
-        await self._post_context(leg, leg_context(leg, channel, linkedid, language))
+    async def _leg(self, channel: Channel, leg: Leg, variables: Variables) -> None:
+        await self._post_context(leg, leg_context(leg, channel, variables))
         loop = asyncio.get_running_loop()
         ours = (leg.snoop_id, leg.media_id)
         entered = [self._entering.setdefault(i, loop.create_future()) for i in ours]

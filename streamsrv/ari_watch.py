@@ -45,6 +45,7 @@ class WatchConfig:
     audiosocket_address: str  # host:port of streamsrv's AudioSocket, as Asterisk reaches it
     streamsrv_url: str  # streamsrv's HTTP, as `streamsrv ari` reaches it
     language_variable: str
+    queue_variable: str
     token: str  # HTTP_TOKEN: the bearer token of context posts, "" for none
 
     @classmethod
@@ -58,6 +59,7 @@ class WatchConfig:
                 or f"http://{_reachable(settings.http_host)}:{settings.http_port}"
             ).rstrip("/"),
             language_variable=settings.ari_language_variable,
+            queue_variable=settings.ari_queue_variable,
             token=settings.http_token,
         )
 
@@ -193,19 +195,28 @@ def sort_leftovers(
     )
 
 
-def leg_context(
-    leg: Leg, channel: Channel, linkedid: str | None, language: str | None
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Variables:
+    """What the watch reads from the channel's variables when it sets the legs up."""
+
+    linkedid: str | None  # CHANNEL(linkedid): the conversation
+    language: str | None = None  # ARI_LANGUAGE_VARIABLE
+    queue: str | None = None  # ARI_QUEUE_VARIABLE
+
+
+def leg_context(leg: Leg, channel: Channel, variables: Variables) -> dict[str, Any]:
     """The JSON body of POST /calls/<leg.call_id>/context (streamsrv.context)."""
     context: dict[str, Any] = {"role": leg.role}
-    if language:
-        context["language"] = language.strip().lower()
-    if linkedid:
-        context["conversation"] = linkedid
+    if variables.language:
+        context["language"] = variables.language.strip().lower()
+    if variables.linkedid:
+        context["conversation"] = variables.linkedid
     if channel.caller_number:
         context["caller"] = channel.caller_number
     if channel.connected_number:
         context["agent"] = channel.connected_number
+    if variables.queue:
+        context["queue"] = variables.queue.strip()
     context["tags"] = {"channel": channel.name, "uniqueid": channel.id, "spy": leg.spy}
     return context
 

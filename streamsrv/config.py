@@ -203,6 +203,7 @@ class Settings:
     ari_audiosocket_address: str = _var("ARI_AUDIOSOCKET_ADDRESS", "")
     ari_streamsrv_url: str = _var("ARI_STREAMSRV_URL", "")
     ari_language_variable: str = _var("ARI_LANGUAGE_VARIABLE", "STREAMSRV_LANGUAGE")
+    ari_queue_variable: str = _var("ARI_QUEUE_VARIABLE", "STREAMSRV_QUEUE")
     ari_metrics_host: str = _var("ARI_METRICS_HOST", "127.0.0.1")
     ari_metrics_port: int = _var("ARI_METRICS_PORT", 9108, int)
 
@@ -443,9 +444,15 @@ def _ari_checks(s: Settings) -> list[tuple[bool, str]]:
             not s.ari_streamsrv_url or s.ari_streamsrv_url.startswith(("http://", "https://")),
             "ARI_STREAMSRV_URL: must start with http(s)://, or be empty for HTTP_HOST:HTTP_PORT",
         ),
-        (
-            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", s.ari_language_variable) is not None,
-            "ARI_LANGUAGE_VARIABLE: a channel variable name",
+        *(
+            (
+                re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value) is not None,
+                f"{name}: a channel variable name",
+            )
+            for name, value in (
+                ("ARI_LANGUAGE_VARIABLE", s.ari_language_variable),
+                ("ARI_QUEUE_VARIABLE", s.ari_queue_variable),
+            )
         ),
         (0 <= s.ari_metrics_port <= 65535, "ARI_METRICS_PORT: 0 (off) to 65535"),
     ]

@@ -25,6 +25,7 @@ from streamsrv.ari_watch import (
     Continue,
     Entered,
     Unwatch,
+    Variables,
     Watch,
     WatchConfig,
     Watches,
@@ -133,7 +134,7 @@ def test_the_agent_is_the_connected_line_of_the_watched_channel() -> None:
     placed["channel"]["connected"] = {"name": "", "number": "2002"}
     second = watches.on_event(placed)
     assert isinstance(second, Watch) and second.channel.connected_number == "2002"
-    assert {leg_context(leg, second.channel, None, None)["agent"] for leg in second.legs} == {
+    assert {leg_context(leg, second.channel, Variables(None))["agent"] for leg in second.legs} == {
         "2002"
     }
 
@@ -185,20 +186,22 @@ def test_leg_context_is_what_streamsrv_accepts() -> None:
     watch = watches.on_event(stasis_start("1700.1", "PJSIP/100-0000002a", "5551234"))
     assert isinstance(watch, Watch)
     caller, agent = watch.legs
-    context = leg_context(caller, watch.channel, "1699.0", "SW ")
+    context = leg_context(caller, watch.channel, Variables("1699.0", "SW ", "helpline"))
     assert context == {
         "role": "caller",
         "language": "sw",
         "conversation": "1699.0",
         "caller": "5551234",
+        "queue": "helpline",
         "tags": {"channel": "PJSIP/100-0000002a", "uniqueid": "1700.1", "spy": "in"},
     }
     parsed = parse_context(context, whisper_languages(), english_only=False)
     assert (parsed.role, parsed.conversation, parsed.language) == ("caller", "1699.0", "sw")
+    assert parsed.queue == "helpline"
     # no language variable, no caller number: those fields are left out, not sent empty
-    bare = leg_context(agent, Channel("1700.1", "Local/s@x-1;2", None), "1699.0", None)
+    bare = leg_context(agent, Channel("1700.1", "Local/s@x-1;2", None), Variables("1699.0"))
     assert "language" not in bare and "caller" not in bare and bare["role"] == "agent"
-    assert "agent" not in bare
+    assert "agent" not in bare and "queue" not in bare
     assert parse_context(bare, whisper_languages(), english_only=True).role == "agent"
 
 
@@ -267,7 +270,8 @@ def dialplan(caller: list[str], agent: list[str], agent_waits: float) -> str:
         + plays(caller)
         + " same => n,Wait(120)\n"
         + "[caller]\nexten => s,1,Answer()\n same => n,Set(CALLERID(num)=5551234)\n"
-        + " same => n,Set(STREAMSRV_LANGUAGE=en)\n same => n,Stasis(streamsrv)\n"
+        + " same => n,Set(STREAMSRV_LANGUAGE=en)\n"
+        + " same => n,Set(STREAMSRV_QUEUE=helpline)\n same => n,Stasis(streamsrv)\n"
         + " same => n,Dial(Local/s@agent/n,,g)\n same => n,Set(AFTER_DIAL=${DIALSTATUS})\n"
         + f" same => n,Playback({corpus.sounds_dir() / 'beep'})\n"
         + f" same => n,Log(NOTICE,streamsrv-test end {ends})\n same => n,Hangup()\n"
@@ -487,6 +491,7 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     for leg in legs:
         assert leg["conversation"] == linkedid and leg["caller"] == "5551234"
         assert leg["agent"] == "2001"  # the connected line, once the agent answered
+        assert leg["queue"] == "helpline"  # ARI_QUEUE_VARIABLE
         assert leg["language"] == "en"
         assert leg["tags"]["uniqueid"] == watching["channel_id"]
         assert leg["tags"]["channel"] == watching["channel"]
