@@ -15,6 +15,7 @@ import redis
 from streamsrv import corpus
 from streamsrv.simulate import play_call
 from tests.e2e import Collector
+from tests.prom import metric
 from tests.serverproc import server_process, subprocess_settings
 
 pytestmark = pytest.mark.e2e
@@ -37,14 +38,6 @@ def heard(text: str) -> set[str]:
     words = " " + re.sub(r"\W+", " ", text.lower()) + " "
     found = {POUND} if " pound key " in words else set()
     return found | ({PASSWORD} if re.search(r" enter your pass ?word ", words) else set())
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def alerted_call(

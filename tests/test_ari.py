@@ -37,6 +37,7 @@ from streamsrv.context import parse_context, whisper_languages
 from streamsrv.wer import normalise
 from tests.asterisk import Asterisk, missing_reason
 from tests.e2e import free_port
+from tests.prom import metric
 from tests.serverproc import server_process, subprocess_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,15 +366,6 @@ async def scrape(ari: AriProcess) -> str:
         return await response.text()
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """One sample of a scrape; a series that is not there fails the test."""
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {want} in {text}")
-
-
 async def until(
     condition: Callable[[], bool], within: float, what: str, ari: AriProcess | None = None
 ) -> None:
@@ -519,16 +511,17 @@ async def test_both_directions_of_a_bridged_call_with_roles_and_the_call_undistu
     assert ari.proc is not None and ari.proc.returncode == 0
     assert ari.events("ari_stopped") and not ari.events("ari_watch_failed")
     # what an operator's Prometheus sees of it
-    assert sample(during, "streamsrv_ari_connected") == 1
-    assert sample(during, "streamsrv_ari_watched_channels") == 1
-    assert sample(after, "streamsrv_ari_watched_channels") == 0
-    assert sample(after, "streamsrv_ari_watches_total", outcome="watching") == 1
-    assert sample(after, "streamsrv_ari_watches_total", outcome="failed") == 0
-    assert sample(after, "streamsrv_ari_setup_seconds_count") == 1
-    assert sample(after, "streamsrv_ari_setup_seconds_sum") == pytest.approx(
+    assert metric(during, "streamsrv_ari_connected") == 1
+    assert metric(during, "streamsrv_ari_watched_channels") == 1
+    assert metric(after, "streamsrv_ari_watched_channels") == 0
+    assert metric(after, "streamsrv_ari_watches_total", outcome="watching") == 1
+    assert 'streamsrv_ari_watches_total{outcome="failed"}' in after  # exported at zero
+    assert metric(after, "streamsrv_ari_watches_total", outcome="failed") == 0
+    assert metric(after, "streamsrv_ari_setup_seconds_count") == 1
+    assert metric(after, "streamsrv_ari_setup_seconds_sum") == pytest.approx(
         watching["setup_ms"] / 1000, abs=0.002
     )
-    assert sample(after, "streamsrv_ari_context_failures_total") == 0
+    assert metric(after, "streamsrv_ari_context_failures_total") == 0
 
 
 @pytest.mark.e2e
@@ -566,8 +559,8 @@ async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
     assert unwatched["channel_id"] == watching["channel_id"] and not unwatched["errors"]
     assert not successor.events("ari_watching")  # no second pair of legs
     assert not successor.events("ari_leftovers_removed")
-    assert sample(metrics, "streamsrv_ari_adopted_total") == 1
-    assert sample(metrics, "streamsrv_ari_watched_channels") == 1
+    assert metric(metrics, "streamsrv_ari_adopted_total") == 1
+    assert metric(metrics, "streamsrv_ari_watched_channels") == 1
     by_role = {leg["role"]: leg for leg in legs}
     assert {r: by_role[r]["call_id"] for r in by_role} == watching["legs"]
     agent_text = by_role["agent"]["live_transcript"]
@@ -602,7 +595,7 @@ async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
     assert sorted(b["id"] for b in left) == sorted(removed["bridges"])
     assert all(any(call_id in b for b in removed["bridges"]) for call_id in legs)
     assert not successor.events("ari_adopted") and not removed["errors"]
-    assert sample(metrics, "streamsrv_ari_leftovers_removed_total") == len(
+    assert metric(metrics, "streamsrv_ari_leftovers_removed_total") == len(
         removed["channels"] + removed["bridges"]
     )
     assert bridges == [] and channels == [], (bridges, channels)
@@ -677,9 +670,10 @@ async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
         asterisk.remove()
     assert failed["channel"].startswith("Local/s@caller-") and unwatched["why"] == "setup failed"
     assert ari.events("ari_context_failed")  # logged, and the leg was tried without it
-    assert sample(metrics, "streamsrv_ari_watches_total", outcome="failed") == 1
-    assert sample(metrics, "streamsrv_ari_watches_total", outcome="watching") == 0
-    assert sample(metrics, "streamsrv_ari_context_failures_total") >= 1
-    assert sample(metrics, "streamsrv_ari_watched_channels") == 0
+    assert metric(metrics, "streamsrv_ari_watches_total", outcome="failed") == 1
+    assert 'streamsrv_ari_watches_total{outcome="watching"}' in metrics  # exported at zero
+    assert metric(metrics, "streamsrv_ari_watches_total", outcome="watching") == 0
+    assert metric(metrics, "streamsrv_ari_context_failures_total") >= 1
+    assert metric(metrics, "streamsrv_ari_watched_channels") == 0
     assert bridges == [] and channels == []
     assert "dial=ANSWER playback=SUCCESS" in log and "streamsrv-test hangup cause=16" in log

@@ -34,6 +34,7 @@ from streamsrv import corpus
 from streamsrv import server as server_module
 from streamsrv.simulate import play_call
 from tests.e2e import Collector, call_and_job, get, make_settings, recording_path, running_server
+from tests.prom import metric
 from tests.serverproc import server_process, subprocess_settings
 
 pytestmark = pytest.mark.e2e
@@ -55,17 +56,6 @@ async def metrics(port: int) -> str:
     status, text = await get(port, "/metrics")
     assert status == 200
     return text
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """A sample of the Prometheus text; 0 when a labelled counter was never incremented."""
-    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(want + " "):
-            return float(line.rsplit(" ", 1)[1])
-    if labels:
-        return 0.0
-    raise KeyError(want)
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float) -> float:
