@@ -1,5 +1,7 @@
-"""`streamsrv serve` as a real subprocess for tests: its own process (file limit, memory, event
-loop), its JSON log lines from stderr, its resident memory and open descriptors from /proc."""
+"""streamsrv commands as real subprocesses for tests: `python -m streamsrv.cli <command>` with
+its JSON log lines read from stderr (CliProcess); `streamsrv serve` with its own process (file
+limit, memory, event loop), its ports, its resident memory and open descriptors from /proc
+(ServerProcess)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from tests.e2e import make_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class ServerProcess:
-    """One `python -m streamsrv.cli serve`; the ports come from its `listening` log line, so
-    AUDIOSOCKET_PORT=0 and HTTP_PORT=0 work without a race for free ports."""
+class CliProcess:
+    """One `python -m streamsrv.cli <COMMAND>`, its stderr read as it is written."""
+
+    COMMAND = ""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -32,10 +35,7 @@ class ServerProcess:
         self.lines: list[str] = []  # every line of stderr, as written
         self.logs: list[dict[str, Any]] = []  # every JSON line of stderr, in order
         self.other_lines: list[str] = []  # stderr lines that are not JSON (tracebacks, ...)
-        self.audiosocket_port = 0
-        self.http_port = 0
         self._reader: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
 
     @property
     def pid(self) -> int:
@@ -46,12 +46,12 @@ class ServerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def start(self, within: float = 60.0) -> None:
+    async def spawn(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "streamsrv.cli",
-            "serve",
+            self.COMMAND,
             env=self.env,
             cwd=ROOT,
             stdin=asyncio.subprocess.DEVNULL,
@@ -59,6 +59,77 @@ class ServerProcess:
             stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            self.lines.append(text)
+            try:
+                event = json.loads(text)
+            except ValueError:
+                self.other_lines.append(text)
+                continue
+            if not isinstance(event, dict):
+                self.other_lines.append(text)
+                continue
+            self.logs.append(event)
+            self.logged(event)
+
+    def logged(self, event: dict[str, Any]) -> None:
+        """A JSON log line was read (for subclasses that wait on one)."""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e.get("event") == name]
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, within: float) -> int:
+        """The exit status, once the process has ended by itself (TimeoutError after
+        `within` s)."""
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), within)
+
+    async def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def stop(self, within: float = 60.0) -> int:
+        """SIGTERM, wait for the exit (SIGKILL after `within` s); returns the exit status."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), within)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reader, 10)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+class ServerProcess(CliProcess):
+    """One `python -m streamsrv.cli serve`; the ports come from its `listening` log line, so
+    AUDIOSOCKET_PORT=0 and HTTP_PORT=0 work without a race for free ports."""
+
+    COMMAND = "serve"
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__(env)
+        self.audiosocket_port = 0
+        self.http_port = 0
+        self._listening = asyncio.Event()
+
+    async def start(self, within: float = 60.0) -> None:
+        await self.spawn()
+        assert self.proc is not None
         exited = asyncio.create_task(self.proc.wait())
         listening = asyncio.create_task(self._listening.wait())
         try:
@@ -80,37 +151,11 @@ class ServerProcess:
             await asyncio.sleep(0.05)
         raise RuntimeError("server never answered /health with 200")
 
-    async def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            self.lines.append(text)
-            try:
-                event = json.loads(text)
-            except ValueError:
-                self.other_lines.append(text)
-                continue
-            if not isinstance(event, dict):
-                self.other_lines.append(text)
-                continue
-            self.logs.append(event)
-            if event.get("event") == "listening":
-                self.audiosocket_port = int(str(event["audiosocket"]).rsplit(":", 1)[1])
-                self.http_port = int(str(event["http"]).rsplit(":", 1)[1])
-                self._listening.set()
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait(self, within: float) -> int:
-        """The exit status, once the process has ended by itself (TimeoutError after
-        `within` s)."""
-        assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), within)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs if e.get("event") == name]
+    def logged(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "listening":
+            self.audiosocket_port = int(str(event["audiosocket"]).rsplit(":", 1)[1])
+            self.http_port = int(str(event["http"]).rsplit(":", 1)[1])
+            self._listening.set()
 
     async def get(self, path: str, within: float = 10.0) -> tuple[int, str]:
         async with (
@@ -128,22 +173,6 @@ class ServerProcess:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    async def stop(self, within: float = 60.0) -> int:
-        """SIGTERM, wait for the exit (SIGKILL after `within` s); returns the exit status."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), within)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reader, 10)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
 
 
 @contextlib.asynccontextmanager

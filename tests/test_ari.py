@@ -7,11 +7,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,9 +35,7 @@ from streamsrv.wer import normalise
 from tests.asterisk import Asterisk, missing_reason
 from tests.e2e import free_port
 from tests.prom import metric
-from tests.serverproc import server_process, subprocess_settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.serverproc import CliProcess, server_process, subprocess_settings
 
 
 def counter(start: int = 1) -> Callable[[], uuid.UUID]:
@@ -296,66 +291,35 @@ def seconds(names: list[str]) -> float:
     return sum(len(corpus.read_prompt(n)) / 2 / corpus.RATE + 1 for n in names)
 
 
-class AriProcess:
-    """`python -m streamsrv.cli ari` with JSON logs read from its stderr."""
+class AriProcess(CliProcess):
+    """`python -m streamsrv.cli ari`, with JSON logs read from its stderr."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.logs: list[dict[str, Any]] = []
-        self.other_lines: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
+    COMMAND = "ari"
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "streamsrv.cli",
-            "ari",
-            env=self.env,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            try:
-                self.logs.append(json.loads(text))
-            except ValueError:
-                self.other_lines.append(text)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs if e.get("event") == name]
+        await self.spawn()
 
     async def wait_event(self, name: str, count: int = 1, within: float = 30.0) -> dict[str, Any]:
         """The `count`th log line of this event, once written."""
         await until(lambda: len(self.events(name)) >= count, within, f"{name} x{count}", self)
         return self.events(name)[count - 1]
 
-    async def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up."""
-        assert self.proc is not None
-        self.proc.kill()
-        await self.proc.wait()
+    async def stop(self, within: float = 20.0) -> int:
+        return await super().stop(within)
 
-    async def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 20)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, 10)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
+
+def ari_env(base: dict[str, str], ari_port: int, audiosocket: int, http: int) -> dict[str, str]:
+    """`streamsrv ari`'s environment: `base`, the private Asterisk's ARI, where it sends the
+    legs (AudioSocket) and their context (HTTP), and a metrics port of its own."""
+    return {
+        **base,
+        "ARI_URL": f"http://127.0.0.1:{ari_port}",
+        "ARI_USER": ARI_USER,
+        "ARI_PASSWORD": ARI_PASSWORD,
+        "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{audiosocket}",
+        "ARI_STREAMSRV_URL": f"http://127.0.0.1:{http}",
+        "ARI_METRICS_PORT": str(free_port()),
+    }
 
 
 async def scrape(ari: AriProcess) -> str:
@@ -388,17 +352,7 @@ async def bridged_setup(
     asterisk = Asterisk(asterisk_configs(ari_port, extensions))
     async with server_process(env) as server:
         await asterisk.start()
-        ari = AriProcess(
-            {
-                **env,
-                "ARI_URL": f"http://127.0.0.1:{ari_port}",
-                "ARI_USER": ARI_USER,
-                "ARI_PASSWORD": ARI_PASSWORD,
-                "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{server.audiosocket_port}",
-                "ARI_STREAMSRV_URL": f"http://127.0.0.1:{server.http_port}",
-                "ARI_METRICS_PORT": str(free_port()),
-            }
-        )
+        ari = AriProcess(ari_env(env, ari_port, server.audiosocket_port, server.http_port))
         try:
             await ari.start()
             await ari.wait_event("ari_connected")
@@ -636,18 +590,7 @@ async def test_a_leg_that_cannot_be_set_up_leaves_the_call_alone() -> None:
     extensions = dialplan(caller_prompts, caller_prompts, 1.0)
     ari_port, closed = free_port(), free_port()
     asterisk = Asterisk(asterisk_configs(ari_port, extensions))
-    ari = AriProcess(
-        {
-            **os.environ,
-            "LOG_FORMAT": "json",
-            "ARI_URL": f"http://127.0.0.1:{ari_port}",
-            "ARI_USER": ARI_USER,
-            "ARI_PASSWORD": ARI_PASSWORD,
-            "ARI_AUDIOSOCKET_ADDRESS": f"127.0.0.1:{closed}",
-            "ARI_STREAMSRV_URL": f"http://127.0.0.1:{closed}",
-            "ARI_METRICS_PORT": str(free_port()),
-        }
-    )
+    ari = AriProcess(ari_env({**os.environ, "LOG_FORMAT": "json"}, ari_port, closed, closed))
     try:
         await asterisk.start()
         await ari.start()
