@@ -261,22 +261,37 @@ class Followed:
                 return message
 
 
-@contextlib.asynccontextmanager
-async def following(
-    feed: LiveFeed,
-    index: CallIndex,
-    *,
-    calls: Iterable[str] | None = None,
-    since: float | None = None,
-    recent: int = 0,
-    seen: dict[str, int] | None = None,
-) -> AsyncIterator[Followed]:
-    """Follow the given calls, or every active call and the `recent` calls that ended last
-    (when resuming, those that ended after `since`, less what `seen` says was given: see
-    Followed). Raises ConnectionError or RedisError when Redis is away."""
-    wanted = None if calls is None else list(calls)
-    async with feed.follow(wanted) as follower:
-        if wanted is None:
-            ended = await index.ended(recent, since) if recent else []
-            wanted = [*reversed(ended), *await index.active()]
-        yield Followed(follower, await index.replay(wanted, since), seen)
+class FollowSources:
+    """What a process follows calls through: the shared live feed, and one client for the index
+    of calls and their streams. One per process (the board's endpoint, `streamsrv tail`)."""
+
+    def __init__(self, redis_url: str, channels: events.Channels) -> None:
+        self._client = aioredis.Redis.from_url(
+            redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
+        )
+        self.feed = LiveFeed(redis_url, channels)
+        self.index = CallIndex(self._client, channels)
+
+    async def close(self) -> None:
+        """Ends every follower (see LiveFeed.close), then the connections."""
+        await self.feed.close()
+        await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def following(
+        self,
+        *,
+        calls: Iterable[str] | None = None,
+        since: float | None = None,
+        recent: int = 0,
+        seen: dict[str, int] | None = None,
+    ) -> AsyncIterator[Followed]:
+        """Follow the given calls, or every active call and the `recent` calls that ended
+        last (when resuming, those that ended after `since`, less what `seen` says was given:
+        see Followed). Raises ConnectionError or RedisError when Redis is away."""
+        wanted = None if calls is None else list(calls)
+        async with self.feed.follow(wanted) as follower:
+            if wanted is None:
+                ended = await self.index.ended(recent, since) if recent else []
+                wanted = [*reversed(ended), *await self.index.active()]
+            yield Followed(follower, await self.index.replay(wanted, since), seen)

@@ -16,14 +16,13 @@ import asyncio
 import uuid
 from importlib import resources
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from streamsrv import events
 from streamsrv.config import Settings
-from streamsrv.follow import CallIndex, Followed, LiveFeed, Message, following
+from streamsrv.follow import Followed, FollowSources, Message
 from streamsrv.postcall.uploads import error_response
 
 log = structlog.get_logger(__name__)
@@ -94,17 +93,12 @@ class EventsEndpoint:
     def __init__(self, settings: Settings) -> None:
         channels = events.Channels(settings.redis_channel_prefix)
         self._recent = settings.board_recent_calls
-        self._client = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
-        )
-        self._feed = LiveFeed(settings.redis_url, channels)
-        self._index = CallIndex(self._client, channels)
+        self._sources = FollowSources(settings.redis_url, channels)
 
     async def close(self) -> None:
         """End every open stream (their clients reconnect elsewhere or later), then the
         connections."""
-        await self._feed.close()
-        await self._client.aclose()
+        await self._sources.close()
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -120,8 +114,8 @@ class EventsEndpoint:
             }
         )
         try:
-            async with following(
-                self._feed, self._index, calls=calls, since=since, recent=self._recent
+            async with self._sources.following(
+                calls=calls, since=since, recent=self._recent
             ) as followed:
                 await response.prepare(request)
                 await response.write(f"retry: {RETRY_MS}\n\n".encode())

@@ -19,12 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from streamsrv import events
 from streamsrv.config import Settings
-from streamsrv.follow import CallIndex, Followed, LiveFeed, Message, following
+from streamsrv.follow import Followed, FollowSources, Message
 from streamsrv.tail_view import TailView
 
 RESUME_RECENT = 1000  # on resuming --all: calls that ended while away, at most
@@ -66,24 +65,17 @@ class Tail:
 
     async def run(self) -> int:
         channels = events.Channels(self._settings.redis_channel_prefix)
-        client = aioredis.Redis.from_url(
-            self._settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0
-        )
-        feed = LiveFeed(self._settings.redis_url, channels)
-        index = CallIndex(client, channels)
+        sources = FollowSources(self._settings.redis_url, channels)
         try:
-            return await self._follow(feed, index)
+            return await self._follow(sources)
         finally:
-            await feed.close()
-            await client.aclose()
+            await sources.close()
 
-    async def _follow(self, feed: LiveFeed, index: CallIndex) -> int:
+    async def _follow(self, sources: FollowSources) -> int:
         first = True
         while True:
             try:
-                async with following(
-                    feed,
-                    index,
+                async with sources.following(
                     calls=self._options.calls,
                     since=self._since,
                     recent=self._options.recent if first else RESUME_RECENT,
