@@ -100,11 +100,8 @@ class AriService:
         s = self.settings
         if not s.ari_metrics_port:
             return
-        self.endpoint = MetricsEndpoint(self.metrics.registry)
-        try:
-            await self.endpoint.start(s.ari_metrics_host, s.ari_metrics_port)
-        except OSError as exc:
-            raise OSError(f"ARI_METRICS_PORT {s.ari_metrics_port}: {exc.strerror or exc}") from exc
+        self.endpoint = MetricsEndpoint(self.metrics.registry, "ARI_METRICS_PORT")
+        await self.endpoint.start(s.ari_metrics_host, s.ari_metrics_port)
         log.info("ari_metrics_listening", host=s.ari_metrics_host, port=self.endpoint.port)
 
     async def _follow(self) -> None:

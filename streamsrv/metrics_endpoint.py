@@ -9,20 +9,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 class MetricsEndpoint:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, port_variable: str) -> None:
         self._registry = registry
+        self._variable = port_variable  # named in the error when the port cannot be had
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._render)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
+        """Listen; OSError naming the port's variable when it cannot (taken, not allowed)."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, host, port).start()
-        except OSError:
+        except OSError as exc:
             await self.close()
-            raise
+            raise OSError(
+                f"{self._variable} {port}: {exc.strerror or exc}"
+                " (each process needs a port of its own, or 0 for none)"
+            ) from exc
 
     @property
     def port(self) -> int:

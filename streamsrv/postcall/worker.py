@@ -141,15 +141,12 @@ class Worker:
         s = self.settings
         if not s.worker_metrics_port:
             return
-        self.endpoint = MetricsEndpoint(self.metrics.registry)
+        self.endpoint = MetricsEndpoint(self.metrics.registry, "WORKER_METRICS_PORT")
         try:
             await self.endpoint.start(s.worker_metrics_host, s.worker_metrics_port)
-        except OSError as exc:
+        except OSError:
             await self.close()
-            raise OSError(
-                f"WORKER_METRICS_PORT {s.worker_metrics_port}: {exc.strerror or exc}"
-                " (each worker process needs a port of its own, or 0 for none)"
-            ) from exc
+            raise
         self._watch = QueueWatch(self.queue.overview, on_read=self.metrics.queue_read)
         self._watch.start()
         log.info("worker_metrics_listening", host=s.worker_metrics_host, port=self.endpoint.port)
