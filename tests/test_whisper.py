@@ -11,6 +11,7 @@ import pytest
 import soxr
 
 from streamsrv import corpus
+from streamsrv.asr import whisper
 from streamsrv.asr.models import resolve_model
 from streamsrv.asr.whisper import AsrRequest, AsrResult, WhisperRunner, _context_failed
 from streamsrv.config import Settings
@@ -155,3 +156,41 @@ def test_a_batch_runs_one_decoding_and_refuses_requests_that_need_another(runner
             runner.run_batch(mixed)
     results = runner.run_batch([beam, beam])
     assert all(wer(corpus.texts()[FIRST], r.text) <= 0.2 for r in results), results
+
+
+def test_each_prompt_may_write_its_token_budget_and_no_more(runner: CountingRunner) -> None:
+    """max_length lets every window of a batch write its budget, and one whose prompt is as
+    long as the batch's longest stops right there: what CTranslate2 counts in max_length is
+    measured, not documented, so this holds it to the installed version."""
+    import ctranslate2
+
+    tok = runner.tokenizer("en")
+    features, _ = runner._features([AsrRequest("c", spoken(THIRD, 0.3), False, "en")])
+    encoded = runner.model.model.encode(ctranslate2.StorageView.from_array(features))
+    previous = tok.encode(" Please leave your message after the tone when done hang up")
+    short = [*tok.sot_sequence, tok.no_timestamps]
+    long = [tok.sot_prev, *previous, *short]
+
+    def written(prompt: list[int], length: int) -> int:
+        [result] = runner.model.model.generate(encoded, [prompt], max_length=length)
+        return len([t for t in result.sequences_ids[0] if t < tok.eot])
+
+    for budget in (4, 9):
+        for prompt in (short, long):
+            assert budget <= written(prompt, whisper.max_length([prompt], budget)) <= budget + 1
+        mixed = whisper.max_length([short, long], budget)
+        assert min(written(short, mixed), written(long, mixed)) >= budget
+
+
+def test_a_decoding_that_uses_up_its_budget_shows_nothing(
+    runner: CountingRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window that would need more tokens than its audio can hold is a loop cut short: its
+    text is empty, however plausible the cut text reads. The same window within its budget
+    gives the sentence."""
+    request = AsrRequest("c", spoken(THIRD, 0.3), True, "en")
+    [whole] = runner.run_batch([request])
+    assert wer(corpus.texts()[THIRD], whole.text) <= 0.2, whole.text
+    monkeypatch.setattr(whisper, "TOKENS_PER_SECOND", 1)  # about 16 tokens for 17 of speech
+    [cut] = runner.run_batch([request])
+    assert (cut.text, cut.words) == ("", [])

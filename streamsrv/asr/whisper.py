@@ -13,6 +13,8 @@ finals with FINAL_BEAM_SIZE and word timestamps.
 Hallucination guards, as in Whisper's own transcribe(): a window whose no-speech probability is
 high and whose text is unlikely is silence; a window whose text compresses too well is a loop.
 Both give empty text. The VAD upstream already keeps silence and line noise away from the model.
+A decoding also stops at a token budget that follows the window's new audio (see token_budget):
+a loop is cut there instead of running on to the model's limit, and its text is empty too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ FRAMES_PER_SECOND = 100
 MAX_PROMPT_TOKENS = 100
 MIN_CONTEXT_WORDS = 4  # shorter new text from a window with context is checked alone
 MIN_REPEAT_WORDS = 3  # a phrase this long said twice in a row: the decoder looped
+MAX_LENGTH = 224  # the decoder's length limit, prompt included, as faster-whisper's
+# More tokens than anyone speaks: English speech is 3 to 6 tokens a second (the corpus calls:
+# 5.5 at most), Whisper's own budget is 224 tokens for 30 s (7.5 a second).
+TOKENS_PER_SECOND = 15
+MIN_TOKEN_BUDGET = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +104,23 @@ def _repeats_itself(words: list[str]) -> bool:
         for k in range(MIN_REPEAT_WORDS, n // 2 + 1)
         for i in range(n - 2 * k + 1)
     )
+
+
+def token_budget(req: AsrRequest) -> int:
+    """The most tokens a window's new audio (after its context) can hold. tiny.en was seen to
+    loop on partials of under a second to 3 s of speech (18 of 472 partials of six calls
+    wrote 112 tokens, the limit, where the others wrote 25 at most): each such decoding took
+    about a second of a core, and held up every other window of its batch."""
+    seconds = (len(req.audio) - req.context) / SAMPLE_RATE
+    return MIN_TOKEN_BUDGET + math.ceil(TOKENS_PER_SECOND * seconds)
+
+
+def max_length(prompts: list[list[int]], budget: int) -> int:
+    """CTranslate2's max_length that lets every prompt go on for `budget` new tokens.
+    Measured on CTranslate2 4.x: a Whisper decoding writes at most
+    min(max_length - len(prompt) + 1, max_length // 2) tokens."""
+    longest = max(len(prompt) for prompt in prompts)
+    return min(MAX_LENGTH, max(2 * budget, longest + budget))
 
 
 def compression_ratio(text: str) -> float:
@@ -212,11 +236,13 @@ class WhisperRunner:
         final, beam_size, _ = key = batch[0].batch_key
         if any(req.batch_key != key for req in batch):
             raise ValueError(f"a batch mixes {sorted({req.batch_key for req in batch})}")
+        prompts = self._prompts(tokenizers, batch, prefixes)
+        budgets = [token_budget(req) for req in batch]
         results = self.model.model.generate(
             encoded,
-            self._prompts(tokenizers, batch, prefixes),
+            prompts,
             beam_size=beam_size,
-            max_length=224,
+            max_length=max_length(prompts, max(budgets)),
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
@@ -225,12 +251,12 @@ class WhisperRunner:
         )
         out: list[AsrResult] = []
         token_lists: list[list[int]] = []
-        for tok, lang, result, prefix, found in zip(
-            tokenizers, languages, results, prefixes, detections, strict=True
+        for tok, lang, result, prefix, found, budget in zip(
+            tokenizers, languages, results, prefixes, detections, budgets, strict=True
         ):
             # CTranslate2 returns the prefix with what it wrote after it
             tokens = [t for t in result.sequences_ids[0][len(prefix) :] if t < tok.eot]
-            kept, guarded = self._result(tok, lang, result, tokens)
+            kept, guarded = self._result(tok, lang, result, tokens, budget)
             kept.detected = found
             out.append(kept)
             token_lists.append([] if guarded else tokens)
@@ -246,9 +272,10 @@ class WhisperRunner:
         return self._without_context_where_failed(batch, prefixes, out)
 
     def _result(
-        self, tok: Any, language: str, result: Any, tokens: list[int]
+        self, tok: Any, language: str, result: Any, tokens: list[int], budget: int
     ) -> tuple[AsrResult, bool]:
-        """One window's text and scores, and whether the hallucination guards emptied it."""
+        """One window's text and scores, and whether the hallucination guards emptied it: a
+        decoding that used up its token budget ran away, whatever its text looks like cut."""
         text = tok.decode(tokens).strip()
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         ratio = compression_ratio(text)
@@ -257,7 +284,8 @@ class WhisperRunner:
         silent = result.no_speech_prob > self.settings.no_speech_threshold and (
             avg_logprob < self.settings.log_prob_threshold or result.no_speech_prob > 0.95
         )
-        guarded = silent or ratio > self.settings.compression_ratio_threshold
+        runaway = len(tokens) >= budget
+        guarded = silent or runaway or ratio > self.settings.compression_ratio_threshold
         kept = AsrResult(
             "" if guarded else text, language, avg_logprob, result.no_speech_prob, ratio
         )
