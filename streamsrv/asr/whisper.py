@@ -108,9 +108,9 @@ def _repeats_itself(words: list[str]) -> bool:
 
 def token_budget(req: AsrRequest) -> int:
     """The most tokens a window's new audio (after its context) can hold. tiny.en was seen to
-    loop on partials of under a second to 3 s of speech (18 of 472 partials of six calls
-    wrote 112 tokens, the limit, where the others wrote 25 at most): each such decoding took
-    about a second of a core, and held up every other window of its batch."""
+    loop on partials of 0.6 to 4.3 s of audio padded to 8 s: 18 of 472 partials of six calls
+    wrote 112 tokens, the limit, where 95 % wrote 25 at most. Each such decoding took about
+    0.8 s of a core and held up every other window of its batch (benchmarks/RESULTS.md)."""
     seconds = (len(req.audio) - req.context) / SAMPLE_RATE
     return MIN_TOKEN_BUDGET + math.ceil(TOKENS_PER_SECOND * seconds)
 
