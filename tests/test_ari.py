@@ -308,6 +308,18 @@ class AriProcess(CliProcess):
         return await super().stop(within)
 
 
+@contextlib.asynccontextmanager
+async def successor_of(ari: AriProcess) -> AsyncIterator[AriProcess]:
+    """The next `streamsrv ari` run after `ari` was killed, with its environment; it must
+    exit cleanly when stopped."""
+    successor = AriProcess(ari.env)
+    await successor.start()
+    try:
+        yield successor
+    finally:
+        assert await successor.stop() == 0
+
+
 def ari_env(base: dict[str, str], ari_port: int, audiosocket: int, http: int) -> dict[str, str]:
     """`streamsrv ari`'s environment: `base`, the private Asterisk's ARI, where it sends the
     legs (AudioSocket) and their context (HTTP), and a metrics port of its own."""
@@ -495,17 +507,13 @@ async def test_a_run_killed_mid_call_is_followed_by_one_that_adopts_its_legs(
         watching = await ari.wait_event("ari_watching")
         await ari.kill()
         left = await ari_get(rest, "/bridges")
-        successor = AriProcess(ari.env)
-        await successor.start()
-        try:
+        async with successor_of(ari) as successor:
             adopted = await successor.wait_event("ari_adopted")
             metrics = await scrape(successor)
             unwatched = await successor.wait_event("ari_unwatched", within=120)
             legs = await ended_legs(server, watching["conversation"], 2)
             bridges = await ari_get(rest, "/bridges")
             channels = await ari_get(rest, "/channels")
-        finally:
-            assert await successor.stop() == 0
         log = asterisk.log
     assert len([b for b in left if b["id"].startswith("streamsrv-")]) == 2  # both legs' bridges
     assert adopted["channel_id"] == watching["channel_id"]
@@ -536,15 +544,11 @@ async def test_what_a_killed_run_left_after_its_call_ended_is_removed(
         await ari.kill()
         await until(lambda: "streamsrv-test hangup" in asterisk.log, 60, "the call's end")
         left = await ari_get(rest, "/bridges")
-        successor = AriProcess(ari.env)
-        await successor.start()
-        try:
+        async with successor_of(ari) as successor:
             removed = await successor.wait_event("ari_leftovers_removed")
             metrics = await scrape(successor)
             bridges = await ari_get(rest, "/bridges")
             channels = await ari_get(rest, "/channels")
-        finally:
-            assert await successor.stop() == 0
     legs = watching["legs"].values()
     assert sorted(b["id"] for b in left) == sorted(removed["bridges"])
     assert all(any(call_id in b for b in removed["bridges"]) for call_id in legs)
