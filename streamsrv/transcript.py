@@ -102,6 +102,7 @@ class LiveTranscript:
             st.vad_speech_pad_ms,
             st.vad_min_speech_ms,
             st.max_segment_seconds,
+            st.soft_segment_seconds,
         )
         self.ring = RingBuffer(int((st.max_segment_seconds + 10) * MODEL_RATE))
         self.resampler = StreamResampler(self.rate)

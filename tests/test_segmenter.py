@@ -27,8 +27,16 @@ def make(
     speech_pad_ms: int = 200,
     min_speech_ms: int = 200,
     max_segment_seconds: float = 20.0,
+    soft_segment_seconds: float = 0.0,
 ) -> Segmenter:
-    return Segmenter(threshold, min_silence_ms, speech_pad_ms, min_speech_ms, max_segment_seconds)
+    return Segmenter(
+        threshold,
+        min_silence_ms,
+        speech_pad_ms,
+        min_speech_ms,
+        max_segment_seconds,
+        soft_segment_seconds,
+    )
 
 
 def run(seg: Segmenter, probs: list[float], sizes: list[int] | None = None) -> list[Segment]:
@@ -123,6 +131,37 @@ def test_a_pause_of_min_silence_splits() -> None:
     first, second = run(seg, probs)
     assert first == Segment(at(20) - PAD, at(40) + PAD, 20 * CHUNK)
     assert second == Segment(at(56) - PAD, at(76) + PAD, 20 * CHUNK)
+
+
+# -- soft close: a monologue ends its segments at the pauses between its sentences -------------
+# SOFT_PAUSE_MS = 160 ms: 5 chunks (5 * 512 = 2560 samples = 160 ms); 2 s = 62.5 chunks
+
+
+def test_past_soft_length_a_short_pause_ends_the_segment() -> None:
+    seg = make(soft_segment_seconds=2.0)
+    probs = [QUIET] * 20 + [SPEECH] * 70 + [QUIET] * 5 + [SPEECH] * 20 + [QUIET] * 20
+    first, second = run(seg, probs)
+    # closed where the pause reached 160 ms: the pad after speech is cut short there
+    assert first == Segment(at(20) - PAD, at(95), 70 * CHUNK)
+    assert second == Segment(at(95), at(115) + PAD, 20 * CHUNK)
+
+
+def test_before_soft_length_a_short_pause_does_not_end_the_segment() -> None:
+    seg = make(soft_segment_seconds=2.0)
+    probs = [QUIET] * 20 + [SPEECH] * 40 + [QUIET] * 5 + [SPEECH] * 40 + [QUIET] * 20
+    # by its end it is past 2 s: the silence after it closes it at 160 ms too
+    assert run(seg, probs) == [Segment(at(20) - PAD, at(110), 80 * CHUNK)]
+
+
+def test_past_soft_length_a_pause_shorter_than_soft_pause_does_not_end_the_segment() -> None:
+    seg = make(soft_segment_seconds=2.0)
+    probs = [QUIET] * 20 + [SPEECH] * 70 + [QUIET] * 4 + [SPEECH] * 20 + [QUIET] * 20
+    assert run(seg, probs) == [Segment(at(20) - PAD, at(119), 90 * CHUNK)]
+
+
+def test_without_soft_length_a_short_pause_never_ends_the_segment() -> None:
+    probs = [QUIET] * 20 + [SPEECH] * 70 + [QUIET] * 5 + [SPEECH] * 20 + [QUIET] * 20
+    assert run(make(), probs) == [Segment(at(20) - PAD, at(115) + PAD, 90 * CHUNK)]
 
 
 def test_hysteresis_probabilities_between_thresholds_keep_a_segment_open() -> None:
@@ -261,6 +300,7 @@ params = st.fixed_dictionaries(
         "speech_pad_ms": st.sampled_from([0, 30, 100, 200, 400]),
         "min_speech_ms": st.sampled_from([0, 100, 250]),
         "max_segment_seconds": st.sampled_from([2.0, 3.0, 20.0]),
+        "soft_segment_seconds": st.sampled_from([0.0, 1.0, 2.0]),
     }
 )
 

@@ -2,10 +2,14 @@
 
 A segment opens on the first chunk above the threshold and closes after VAD_MIN_SILENCE_MS
 below a lower threshold (hysteresis, as Silero's own get_speech_timestamps does), padded by
-VAD_SPEECH_PAD_MS on both sides. A segment that grows past MAX_SEGMENT_SECONDS is cut at its
-quietest chunk in the last third, so a long monologue still gets finals, and the cut lands in a
-pause rather than inside a word. Positions are absolute 16 kHz sample indices from the call's
-first frame. Pure logic: no model, no I/O.
+VAD_SPEECH_PAD_MS on both sides. Past SOFT_SEGMENT_SECONDS a segment also closes at a shorter
+pause (SOFT_PAUSE_MS, the breath between two sentences of a monologue): each partial decodes its
+whole open segment, and a partial of 20 s took four times what one of 8 s took (0.77 against
+0.19 s, benchmarks/RESULTS.md), at every partial; the segment's final comes later too. A
+segment that still grows past MAX_SEGMENT_SECONDS is cut at its quietest chunk in the last
+third, so speech without any pause still gets finals, and the cut lands in a pause rather than
+inside a word. Positions are absolute 16 kHz sample indices from the call's first frame. Pure
+logic: no model, no I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from dataclasses import dataclass
 from streamsrv.asr.vad import CHUNK
 
 RATE = 16000
+# Silero's runs below its lower threshold inside Asterisk's 73 s monologue demo-instruct: 49, of
+# 32 to 384 ms. The 21 of 160 ms or more hold all 10 sentence ends that tiny.en's word times
+# place (each in a run of 192 ms or more); the rest lie between words.
+SOFT_PAUSE_MS = 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,7 @@ class Segmenter:
         speech_pad_ms: int,
         min_speech_ms: int,
         max_segment_seconds: float,
+        soft_segment_seconds: float = 0.0,  # 0: no soft close
     ) -> None:
         self.threshold = threshold
         self.neg_threshold = max(threshold - 0.15, 0.01)
@@ -40,6 +49,8 @@ class Segmenter:
         self.pad = speech_pad_ms * RATE // 1000
         self.min_speech = min_speech_ms * RATE // 1000
         self.max_segment = int(max_segment_seconds * RATE)
+        self.soft_segment = int(soft_segment_seconds * RATE) if soft_segment_seconds else None
+        self.soft_pause = SOFT_PAUSE_MS * RATE // 1000
         self.position = 0  # absolute sample index of the next chunk
         self.open_start: int | None = None
         self._last_speech_end = 0
@@ -69,7 +80,7 @@ class Segmenter:
                 self._last_speech_end = self.position
                 if p >= self.threshold:
                     self._speech_samples += CHUNK
-            elif self.position - self._last_speech_end >= self.min_silence:
+            elif self._pause_closes():
                 segment = self._close(min(self._last_speech_end + self.pad, self.position))
                 if segment is not None:
                     closed.append(segment)
@@ -77,6 +88,20 @@ class Segmenter:
             if self.position - self.open_start >= self.max_segment:
                 closed.extend(self._cut())
         return closed
+
+    def _pause_closes(self) -> bool:
+        """Whether the silence since the last speech closes the open segment: VAD_MIN_SILENCE_MS
+        of it, or SOFT_PAUSE_MS once the segment is past SOFT_SEGMENT_SECONDS."""
+        assert self.open_start is not None
+        silence = self.position - self._last_speech_end
+        if silence >= self.min_silence:
+            return True
+        soft = self.soft_segment
+        return (
+            soft is not None
+            and silence >= self.soft_pause
+            and (self._last_speech_end - self.open_start >= soft)
+        )
 
     def flush(self) -> list[Segment]:
         """End of the call: close the open segment at the end of the audio."""
