@@ -4,20 +4,27 @@ No I/O and no clock reads here, so each rule can be unit-tested with hand-made m
 are whatever unit `clock` maps call audio seconds to: the benchmark passes wall time (the moment
 the frame holding that audio was sent); tests can keep the identity and use audio seconds.
 
-Word timing is an estimate. The corpus knows only where each utterance's speech starts and ends,
-so its duration is shared among its (normalised) words in proportion to their character counts:
-word k ends at start + duration * chars(words 0..k) / chars(all words). A word "shows" the first
-time the call's live view (finals so far + latest partial) contains it: the view's normalised
-words are aligned against the reference (minimum edit distance, ties broken towards more exact
-matches) and every reference word matched exactly counts as shown from then on, even if a later
-partial drops it. Only utterances that had started when a message arrived are in the reference
-it is aligned against, so a word cannot be matched before it is spoken in a later utterance.
+Word timing is an estimate. The corpus knows only where each utterance's speech starts and ends.
+Where the benchmark has heard the utterance alone offline (`timed`), a word the model heard ends
+where its word timestamps put it, and the words between two heard ones share that span by
+character counts. Otherwise the whole duration is shared that way: word k ends at start +
+duration * chars(words 0..k) / chars(all words). Characters alone were seen to place words of
+Asterisk's 73 s demo-instruct up to 2.4 s early (digits, pauses), and so to add that to their
+lag.
+
+A word "shows" the first time the call's live view (finals so far + latest partial) contains
+it: the view's normalised words are aligned against the reference (minimum edit distance, ties
+broken towards more exact matches) and every reference word matched exactly counts as shown
+from then on, even if a later partial drops it. Only utterances that had started when a message
+arrived are in the reference it is aligned against, so a word cannot be matched before it is
+spoken in a later utterance.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +52,7 @@ class RefUtterance:
     text: str
     start: float  # seconds of call audio where its speech starts
     end: float  # ... and ends
+    word_ends: tuple[float, ...] | None = None  # per normalised word, where heard (see timed)
 
 
 @dataclass(frozen=True)
@@ -56,22 +64,57 @@ class RefWord:
 
 
 def reference_words(utterances: Sequence[RefUtterance], clock: Clock = identity) -> list[RefWord]:
-    """Every reference word with its estimated end, by character-proportional timing."""
+    """Every reference word with its estimated end: where it was heard (`timed`), else by
+    character-proportional timing."""
     out: list[RefWord] = []
     for index, utt in enumerate(utterances):
         words = normalise(utt.text)
-        total = sum(len(w) for w in words)
-        done = 0
+        ends: Sequence[float] | None = utt.word_ends
+        if ends is None or len(ends) != len(words):
+            ends = _share_by_characters(words, [(-1, utt.start), (len(words), utt.end)])
         opened = clock(utt.start)
-        for word in words:
-            done += len(word)
-            end = utt.start + (utt.end - utt.start) * done / total
-            out.append(RefWord(word, index, clock(end), opened))
+        out += [RefWord(w, index, clock(end), opened) for w, end in zip(words, ends, strict=True)]
     return out
 
 
+def timed(utt: RefUtterance, heard: Sequence[tuple[str, float]]) -> RefUtterance:
+    """`utt` with each word's end where the model heard it: `heard` is the model's normalised
+    words of the utterance with their ends (call seconds). A reference word matched by one of
+    them (minimum-edit-distance alignment, as for showing) ends where it does, clamped to the
+    utterance and never before an earlier word; the words between two matched ones, or an end
+    of the utterance, share that span by character counts."""
+    words = normalise(utt.text)
+    anchors = [(-1, utt.start)]
+    for i, j in aligned_pairs(words, [w for w, _ in heard]):
+        anchors.append((i, min(utt.end, max(anchors[-1][1], heard[j][1]))))
+    anchors.append((len(words), utt.end))
+    return replace(utt, word_ends=tuple(_share_by_characters(words, anchors)))
+
+
+def _share_by_characters(words: Sequence[str], anchors: Sequence[tuple[int, float]]) -> list[float]:
+    """Word ends from anchors (index, end), ordered, from (-1, start) to (len(words), end): the
+    words after one anchor up to the next end at its time plus their character share of the
+    span; the last word before the final anchor ends at its time."""
+    ends: list[float] = []
+    for (a, ta), (b, tb) in itertools.pairwise(anchors):
+        last = min(b, len(words) - 1)
+        span = words[a + 1 : last + 1]
+        total = sum(len(w) for w in span) or 1
+        done = 0
+        for word in span:
+            done += len(word)
+            ends.append(ta + (tb - ta) * done / total)
+    return ends
+
+
 def matched_reference(ref: Sequence[str], hyp: Sequence[str]) -> set[int]:
-    """Indices of `ref` matched exactly by a minimum-edit-distance alignment with `hyp`.
+    """Indices of `ref` matched exactly by a minimum-edit-distance alignment with `hyp`."""
+    return {i for i, _ in aligned_pairs(ref, hyp)}
+
+
+def aligned_pairs(ref: Sequence[str], hyp: Sequence[str]) -> list[tuple[int, int]]:
+    """(i, j) for each ref[i] matched exactly by hyp[j] in a minimum-edit-distance alignment,
+    in order.
 
     Among alignments of equal edit distance, one with the most exact matches is taken
     (cost: an edit weighs more than all possible matches together, a match subtracts one), and
@@ -87,7 +130,7 @@ def matched_reference(ref: Sequence[str], hyp: Sequence[str]) -> set[int]:
             diag = prev[j - 1] + (-1 if r == hyp[j - 1] else edit)
             row.append(min(diag, prev[j] + edit, row[j - 1] + edit))
         rows.append(row)
-    matched: set[int] = set()
+    matched: list[tuple[int, int]] = []
     i, j = n, m
     while i > 0 and j > 0:
         same = ref[i - 1] == hyp[j - 1]
@@ -95,11 +138,11 @@ def matched_reference(ref: Sequence[str], hyp: Sequence[str]) -> set[int]:
             i -= 1  # tracing back, deleting first puts matches on the earliest reference words
         elif rows[i][j] == rows[i - 1][j - 1] + (-1 if same else edit):
             if same:
-                matched.add(i - 1)
+                matched.append((i - 1, j - 1))
             i, j = i - 1, j - 1
         else:
             j -= 1
-    return matched
+    return matched[::-1]
 
 
 def shown_at(words: Sequence[RefWord], messages: Iterable[Arrival]) -> list[float | None]:

@@ -35,6 +35,7 @@ WORD_LAG_P95_MAX = 2.0
 FINAL_LAG_P95_MAX = 3.0
 WER_GAP_MAX = 0.01
 WARMUP_SEED = 999_999  # the warm-up call, never one of the measured calls
+HEARD_MARGIN = 0.3  # s of audio around an utterance's speech when it is heard alone for timing
 
 
 @dataclass
@@ -159,6 +160,21 @@ def conversation_finals(settings: Settings, contexts: list[dict[str, str]]) -> i
     return sum(m.get("type") == "final" for m in kept)
 
 
+def heard_utterances(
+    call: bc.BenchCall, settings: Settings, offline: OfflineTranscriber
+) -> list[lag.RefUtterance]:
+    """The call's utterances with each word timed where the model hears it (lag.timed), each
+    heard alone with HEARD_MARGIN s around its speech."""
+    out: list[lag.RefUtterance] = []
+    for utt in call.utterances:
+        first = int(max(0.0, utt.start - HEARD_MARGIN) * bc.RATE) * 2
+        last = int((utt.end + HEARD_MARGIN) * bc.RATE) * 2
+        heard = offline.heard_words(call.pcm[first:last], settings, call.language)
+        offset = first / 2 / bc.RATE
+        out.append(lag.timed(utt, [(word, offset + end) for word, end in heard]))
+    return out
+
+
 def run_calls(
     calls: list[bc.BenchCall],
     seconds: float,
@@ -199,7 +215,8 @@ def run_calls(
             postcall_only += 1
             per_call.append({"call_id": p.call_id, "seed": call.seed, "processing_mode": mode})
             continue
-        words = lag.reference_words(call.utterances, p.clock)
+        utterances = heard_utterances(call, settings, offline)
+        words = lag.reference_words(utterances, p.clock)
         w = lag.word_lags(words, messages)
         f = lag.final_lags(call.utterances, messages, p.clock)
         text = lag.finals_text(messages)
@@ -221,7 +238,7 @@ def run_calls(
                 "word_lags": w,
                 "final_lags": f,
                 # enough to recompute every lag: lag.reference_words(utterances, clock) ...
-                "utterances": [dataclasses.asdict(u) for u in call.utterances],
+                "utterances": [dataclasses.asdict(u) for u in utterances],
                 "frame_walls": p.frame_walls,
                 "messages": messages,
             }

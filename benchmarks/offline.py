@@ -13,6 +13,7 @@ import numpy as np
 
 from streamsrv.asr.models import resolve_model
 from streamsrv.config import Settings
+from streamsrv.wer import normalise
 
 
 class OfflineTranscriber:
@@ -22,6 +23,7 @@ class OfflineTranscriber:
     def __init__(self) -> None:
         self._models: dict[tuple[str, str, str, int], object] = {}
         self._cache: dict[tuple[str, ...], str] = {}
+        self._heard: dict[tuple[str, ...], list[tuple[str, float]]] = {}
 
     def _model(self, settings: Settings) -> tuple[object, str]:
         device = settings.device
@@ -39,10 +41,7 @@ class OfflineTranscriber:
         return self._models[key], "|".join(map(str, key))
 
     def transcribe(self, pcm8k: bytes, settings: Settings, language: str = "en") -> str:
-        """Text of 8 kHz 16-bit PCM in `language`, resampled to 16 kHz with soxr as the server
-        does."""
-        import soxr
-
+        """Text of 8 kHz 16-bit PCM in `language`."""
         model, model_key = self._model(settings)
         key = (
             model_key,
@@ -52,9 +51,8 @@ class OfflineTranscriber:
             hashlib.sha1(pcm8k).hexdigest(),
         )
         if key not in self._cache:
-            audio = np.frombuffer(pcm8k, dtype="<i2").astype(np.float32) / 32768
             segments, _info = model.transcribe(  # type: ignore[attr-defined]
-                soxr.resample(audio, 8000, 16000),
+                _model_audio(pcm8k),
                 language=language,
                 beam_size=settings.final_beam(settings.device),
                 vad_filter=True,
@@ -62,3 +60,29 @@ class OfflineTranscriber:
             )
             self._cache[key] = " ".join(s.text.strip() for s in segments)
         return self._cache[key]
+
+    def heard_words(
+        self, pcm8k: bytes, settings: Settings, language: str = "en"
+    ) -> list[tuple[str, float]]:
+        """The normalised words of one utterance's 8 kHz PCM, each with where it ends (seconds
+        into `pcm8k`) by faster-whisper's word timestamps: what the lags time words by."""
+        model, model_key = self._model(settings)
+        key = (model_key, language, hashlib.sha1(pcm8k).hexdigest())
+        if key not in self._heard:
+            segments, _info = model.transcribe(  # type: ignore[attr-defined]
+                _model_audio(pcm8k),
+                language=language,
+                beam_size=settings.final_beam(settings.device),
+                word_timestamps=True,
+            )
+            words = [w for s in segments for w in s.words]
+            self._heard[key] = [(word, float(w.end)) for w in words for word in normalise(w.word)]
+        return self._heard[key]
+
+
+def _model_audio(pcm8k: bytes) -> np.ndarray:
+    """8 kHz 16-bit PCM as the model's 16 kHz floats, resampled with soxr as the server does."""
+    import soxr
+
+    audio = np.frombuffer(pcm8k, dtype="<i2").astype(np.float32) / 32768
+    return np.asarray(soxr.resample(audio, 8000, 16000), dtype=np.float32)

@@ -121,6 +121,36 @@ def test_reference_words_last_word_ends_with_its_utterance() -> None:
     assert spoken == sorted(spoken) and spoken[0] > 2.25
 
 
+# --- timed: words where the model heard them -------------------------------------------------
+
+
+def test_timed_words_end_where_heard_and_the_rest_share_by_characters() -> None:
+    # "two" heard at 4.0 and "ten" at 9.0; "one" shares [1, 4] with "two" (3 + 3 characters),
+    # "three" and "four" share [4, 9] with "ten" (5 + 4 + 3 characters), none after "ten"
+    utt = RefUtterance("One, two, three four ten.", 1.0, 10.0)
+    heard = [("won", 0.5), ("two", 4.0), ("tree", 5.0), ("for", 6.0), ("ten", 9.0)]
+    ends = lag.timed(utt, heard).word_ends
+    assert ends == pytest.approx((2.5, 4.0, 4.0 + 5 * 5 / 12, 4.0 + 5 * 9 / 12, 9.0))
+    assert [w.spoken for w in lag.reference_words([lag.timed(utt, heard)])] == list(ends or ())
+
+
+def test_timed_clamps_heard_ends_to_the_utterance_and_to_order() -> None:
+    # "bb" heard before "aa": it ends with "aa"; "cc" heard past the utterance: it ends with it
+    utt = RefUtterance("aa bb cc", 2.0, 5.0)
+    ends = lag.timed(utt, [("aa", 3.0), ("bb", 2.5), ("cc", 7.0)]).word_ends
+    assert ends == (3.0, 3.0, 5.0)
+
+
+def test_timed_with_nothing_heard_is_the_character_estimate() -> None:
+    utt = RefUtterance("Hello, world-wide OK", 1.0, 9.0)
+    assert lag.timed(utt, []).word_ends == (3.5, 6.0, 8.0, 9.0)
+
+
+def test_reference_words_ignore_word_ends_of_another_text() -> None:
+    utt = RefUtterance("Hello, world-wide OK", 1.0, 9.0, word_ends=(1.5, 2.0))
+    assert [w.spoken for w in lag.reference_words([utt])] == [3.5, 6.0, 8.0, 9.0]
+
+
 # --- matched_reference -------------------------------------------------------------------------
 
 
@@ -141,6 +171,12 @@ def test_reference_words_last_word_ends_with_its_utterance() -> None:
 )
 def test_matched_reference(ref: str, hyp: str, matched: set[int]) -> None:
     assert lag.matched_reference(ref.split(), hyp.split()) == matched
+
+
+def test_aligned_pairs_name_the_matching_hypothesis_word_in_order() -> None:
+    ref, hyp = ["the", "cat", "sat", "on", "the", "mat"], ["a", "cat", "sat", "in", "the", "mat"]
+    assert lag.aligned_pairs(ref, hyp) == [(1, 1), (2, 2), (4, 4), (5, 5)]
+    assert lag.matched_reference(ref, hyp) == {1, 2, 4, 5}
 
 
 def test_matched_reference_prefers_more_matches_among_equal_edit_distance() -> None:
