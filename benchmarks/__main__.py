@@ -63,6 +63,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     burst.add_argument("--calls", type=int, required=True)
     burst.add_argument("--prompts", type=int, default=bc.BURST_PROMPTS, help="prompts per call")
     burst.add_argument("--stagger", type=float, default=bc.BURST_STAGGER_SECONDS)
+    burst.add_argument(
+        "--monologue", action="store_true", help=f"the first call opens with {bc.MONOLOGUE} (73 s)"
+    )
     _common(burst, DEFAULT_SECONDS)
 
     sweep = sub.add_parser(
@@ -182,7 +185,8 @@ def main(argv: list[str]) -> int:
     if args.command in ("live", "burst"):
         offline = OfflineTranscriber()
         prompts = args.prompts if args.command == "burst" else None
-        played = bench_calls(args.calls, args.seconds, args.seed, prompts)
+        monologue = args.command == "burst" and args.monologue
+        played = bench_calls(args.calls, args.seconds, args.seed, prompts, monologue)
         live = run_calls(
             played, args.seconds, args.seed, env, offline, args.env_file, args.stagger, prompts
         )

@@ -29,6 +29,9 @@ from streamsrv.simulate import CallWatcher
 
 RATE = corpus.RATE
 FRAME_S = 0.02
+# Asterisk's longest prompt: 73 s of one voice with no pause of VAD_MIN_SILENCE_MS, as a caller
+# who talks on, or an agent reading out terms
+MONOLOGUE = "demo-instruct"
 FRAME_BYTES = int(RATE * FRAME_S) * 2
 
 
@@ -72,15 +75,20 @@ def build_bench_call(
     prompts: int | None = None,
     language: str = "en",
     also_in: tuple[str, ...] = (),
+    lead: str | None = None,
 ) -> BenchCall:
     """Corpus prompts in a seed-dependent order with `pause` s between them: until about
     `seconds` of audio, or exactly `prompts` of them (a short call of a burst). Spoken in
     `language`, chosen among the prompts recorded in it and in `also_in` too: the same seed is
-    then the same sentences in each of these languages."""
+    then the same sentences in each of these languages. `lead`: a prompt said first (such as
+    MONOLOGUE), then the others."""
     shared = tuple(sorted({language, *also_in} - {"en"}))
     names = corpus.pick_prompts(len(corpus.spoken_prompts(also_in=shared)), seed, also_in=shared)
     chosen: list[str] = []
     total = pause
+    for name in [lead] if lead else []:
+        chosen.append(name)
+        total += len(corpus.read_prompt(name, language)) / 2 / RATE + pause
     for name in names:
         if chosen and (len(chosen) == prompts if prompts else total >= seconds):
             break

@@ -70,6 +70,7 @@ class LiveResult(h.ServerFigures):
     jobs_written: int  # post-call jobs the server wrote during the run
     stagger: float  # calls started at random within this many seconds
     prompts: int | None = None  # a burst: calls of this many prompts each instead of `seconds`
+    monologue: bool = False  # the first call opens with bc.MONOLOGUE
     conversation_finals: int = 0  # finals published again on the calls' conversation channels
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
@@ -89,7 +90,8 @@ class LiveResult(h.ServerFigures):
     def scenario(self) -> str:
         """`burst` (short calls connecting together) or `staggered` (long calls)."""
         if self.prompts:
-            return f"burst ({self.prompts} prompts, {self.stagger:g} s)"
+            long = ", 1 with a 73 s monologue" if self.monologue else ""
+            return f"burst ({self.prompts} prompts{long}, {self.stagger:g} s)"
         return f"staggered ({self.seconds:.0f} s, {self.stagger:g} s)"
 
     @property
@@ -137,12 +139,18 @@ async def _play_and_collect(
 
 
 def bench_calls(
-    n_calls: int, seconds: float, seed: int, prompts: int | None = None
+    n_calls: int, seconds: float, seed: int, prompts: int | None = None, monologue: bool = False
 ) -> list[bc.BenchCall]:
     """The live benchmark's calls: about `seconds` each, or with `prompts` that many prompts
-    each (a burst of short calls)."""
+    each (a burst of short calls); `monologue`: the first call says bc.MONOLOGUE first."""
     return [
-        bc.build_bench_call(call_seed(seed, i), seconds, prompts=prompts) for i in range(n_calls)
+        bc.build_bench_call(
+            call_seed(seed, i),
+            seconds,
+            prompts=prompts,
+            lead=bc.MONOLOGUE if monologue and i == 0 else None,
+        )
+        for i in range(n_calls)
     ]
 
 
@@ -285,6 +293,7 @@ def run_calls(
         jobs_written=int(h.delta(before, after, "streamsrv_postcall_jobs_total")),
         stagger=stagger,
         prompts=prompts,
+        monologue=any(bc.MONOLOGUE in call.prompts for call in calls),
         conversation_finals=merged,
         per_call=per_call,
     )
