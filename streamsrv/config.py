@@ -166,7 +166,7 @@ class Settings:
     vad_speech_pad_ms: int = _var("VAD_SPEECH_PAD_MS", 200, int)
     vad_min_speech_ms: int = _var("VAD_MIN_SPEECH_MS", 200, int)
     max_segment_seconds: float = _var("MAX_SEGMENT_SECONDS", 20.0, float)
-    soft_segment_seconds: float = _var("SOFT_SEGMENT_SECONDS", 8.0, float)
+    soft_segment_seconds: float = _var("SOFT_SEGMENT_SECONDS", 6.0, float)
     min_window_seconds: float = _var("MIN_WINDOW_SECONDS", 15.0, float)
     partial_window_seconds: float = _var("PARTIAL_WINDOW_SECONDS", 8.0, float)
     no_speech_threshold: float = _var("NO_SPEECH_THRESHOLD", 0.6, float)
@@ -365,8 +365,8 @@ def _live_checks(s: Settings) -> list[tuple[bool, str]]:
             "MAX_SEGMENT_SECONDS: between 2 and 28 (a Whisper window is 30 s)",
         ),
         (
-            s.soft_segment_seconds == 0 or 1 <= s.soft_segment_seconds <= s.max_segment_seconds,
-            "SOFT_SEGMENT_SECONDS: 0 (off) or between 1 and MAX_SEGMENT_SECONDS",
+            s.soft_segment_seconds == 0 or s.soft_segment_seconds >= 1,
+            "SOFT_SEGMENT_SECONDS: 0 (off) or at least 1 (past MAX_SEGMENT_SECONDS it never acts)",
         ),
         (
             1 <= s.min_window_seconds <= 30,

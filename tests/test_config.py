@@ -152,6 +152,14 @@ def test_min_batch_size_above_max_is_a_problem() -> None:
     assert Settings.from_mapping({"MIN_BATCH_SIZE": "8", "MAX_BATCH_SIZE": "8"}).min_batch_size == 8
 
 
+def test_soft_segment_is_off_at_zero_and_may_lie_past_max_segment() -> None:
+    assert problems_of({"SOFT_SEGMENT_SECONDS": "0.5"}) == [
+        "SOFT_SEGMENT_SECONDS: 0 (off) or at least 1 (past MAX_SEGMENT_SECONDS it never acts)"
+    ]
+    assert Settings.from_mapping({"SOFT_SEGMENT_SECONDS": "0"}).soft_segment_seconds == 0
+    assert Settings.from_mapping({"MAX_SEGMENT_SECONDS": "5"}).soft_segment_seconds == 6
+
+
 def test_direct_construction_is_validated_too() -> None:
     with pytest.raises(ConfigError, match="BATCH_SIZE"):
         Settings(batch_size=0)
