@@ -156,7 +156,8 @@ def model_settings(settings: Settings) -> str:
         f"MIN_WINDOW_SECONDS={settings.min_window_seconds}, "
         f"PARTIAL_WINDOW_SECONDS={settings.partial_window_seconds}, "
         f"FINAL_CONTEXT={str(settings.final_context).lower()}, "
-        f"FINAL_CONTEXT_SEGMENTS={settings.final_context_segments}"
+        f"FINAL_CONTEXT_SEGMENTS={settings.final_context_segments}, "
+        f"SOFT_SEGMENT_SECONDS={settings.soft_segment_seconds}"
     )
 
 
