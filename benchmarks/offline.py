@@ -8,6 +8,7 @@ reference pipeline; it runs after the server has stopped, so it never competes w
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +52,11 @@ class OfflineTranscriber:
             hashlib.sha1(pcm8k).hexdigest(),
         )
         if key not in self._cache:
-            segments, _info = model.transcribe(  # type: ignore[attr-defined]
-                _model_audio(pcm8k),
-                language=language,
-                beam_size=settings.final_beam(settings.device),
+            segments = _segments(
+                model,
+                pcm8k,
+                settings,
+                language,
                 vad_filter=True,
                 condition_on_previous_text=settings.condition_on_previous_text,
             )
@@ -69,20 +71,24 @@ class OfflineTranscriber:
         model, model_key = self._model(settings)
         key = (model_key, language, hashlib.sha1(pcm8k).hexdigest())
         if key not in self._heard:
-            segments, _info = model.transcribe(  # type: ignore[attr-defined]
-                _model_audio(pcm8k),
-                language=language,
-                beam_size=settings.final_beam(settings.device),
-                word_timestamps=True,
-            )
+            segments = _segments(model, pcm8k, settings, language, word_timestamps=True)
             words = [w for s in segments for w in s.words]
             self._heard[key] = [(word, float(w.end)) for w in words for word in normalise(w.word)]
         return self._heard[key]
 
 
-def _model_audio(pcm8k: bytes) -> np.ndarray:
-    """8 kHz 16-bit PCM as the model's 16 kHz floats, resampled with soxr as the server does."""
+def _segments(
+    model: Any, pcm8k: bytes, settings: Settings, language: str, **options: Any
+) -> list[Any]:
+    """faster-whisper's segments of 8 kHz 16-bit PCM, resampled to 16 kHz with soxr as the
+    server does, at the live finals' beam size."""
     import soxr
 
     audio = np.frombuffer(pcm8k, dtype="<i2").astype(np.float32) / 32768
-    return np.asarray(soxr.resample(audio, 8000, 16000), dtype=np.float32)
+    segments, _info = model.transcribe(
+        soxr.resample(audio, 8000, 16000),
+        language=language,
+        beam_size=settings.final_beam(settings.device),
+        **options,
+    )
+    return list(segments)
