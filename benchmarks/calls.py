@@ -84,11 +84,10 @@ def build_bench_call(
     MONOLOGUE), then the others."""
     shared = tuple(sorted({language, *also_in} - {"en"}))
     names = corpus.pick_prompts(len(corpus.spoken_prompts(also_in=shared)), seed, also_in=shared)
+    if lead:
+        names = [lead, *(name for name in names if name != lead)]
     chosen: list[str] = []
     total = pause
-    for name in [lead] if lead else []:
-        chosen.append(name)
-        total += len(corpus.read_prompt(name, language)) / 2 / RATE + pause
     for name in names:
         if chosen and (len(chosen) == prompts if prompts else total >= seconds):
             break
