@@ -69,7 +69,8 @@ class OfflineTranscriber:
         """The normalised words of one utterance's 8 kHz PCM, each with where it ends (seconds
         into `pcm8k`) by faster-whisper's word timestamps: what the lags time words by."""
         model, model_key = self._model(settings)
-        key = (model_key, language, hashlib.sha1(pcm8k).hexdigest())
+        beam = str(settings.final_beam(settings.device))
+        key = (model_key, beam, language, hashlib.sha1(pcm8k).hexdigest())
         if key not in self._heard:
             segments = _segments(model, pcm8k, settings, language, word_timestamps=True)
             words = [w for s in segments for w in s.words]
