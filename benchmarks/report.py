@@ -95,12 +95,13 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def largest_holding(results: list[LiveResult]) -> int | None:
+def largest_holding(results: list[LiveResult], aside: frozenset[str] = frozenset()) -> int | None:
     """The largest call count that holds the bar in every run at that count (staggered and
-    burst), with every smaller count tried holding too."""
+    burst), with every smaller count tried holding too; `aside`: parts of the bar not judged
+    (LiveResult.bar_failures names)."""
     best = None
     for count in sorted({r.calls for r in results}):
-        if not all(r.holds_bar for r in results if r.calls == count):
+        if not all(set(r.bar_failures) <= aside for r in results if r.calls == count):
             break
         best = count
     return best

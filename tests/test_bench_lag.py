@@ -372,10 +372,27 @@ def test_a_count_holds_the_bar_only_when_every_scenario_at_it_does() -> None:
     from benchmarks.live import LiveResult
     from benchmarks.report import largest_holding
 
-    def run(calls: int, holds: bool) -> LiveResult:
-        return cast(LiveResult, SimpleNamespace(calls=calls, holds_bar=holds))
+    def run(calls: int, holds: bool, misses: tuple[str, ...] = ("word lag",)) -> LiveResult:
+        failures = [] if holds else list(misses)
+        return cast(LiveResult, SimpleNamespace(calls=calls, bar_failures=failures))
 
     staggered_and_burst = [run(4, True), run(4, True), run(6, True), run(6, False), run(8, True)]
     assert largest_holding(staggered_and_burst) == 4
     assert largest_holding([run(2, True), run(4, True)]) == 4
     assert largest_holding([run(1, False), run(2, True)]) is None
+
+
+def test_parts_of_the_bar_set_aside_are_not_judged() -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from benchmarks.live import LiveResult
+    from benchmarks.report import largest_holding
+
+    def run(calls: int, *misses: str) -> LiveResult:
+        return cast(LiveResult, SimpleNamespace(calls=calls, bar_failures=list(misses)))
+
+    results = [run(4), run(6, "WER"), run(6), run(8, "WER", "word lag"), run(10)]
+    assert largest_holding(results) == 4
+    assert largest_holding(results, aside=frozenset({"WER"})) == 6
+    assert largest_holding(results, aside=frozenset({"WER", "word lag"})) == 10
