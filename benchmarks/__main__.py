@@ -15,6 +15,7 @@ from benchmarks import harness as h
 from benchmarks.ingest import IngestResult, run_ingest
 from benchmarks.live import LiveResult, bench_calls, run_calls
 from benchmarks.offline import OfflineTranscriber
+from benchmarks.pooled import pooled
 from streamsrv.config import Settings
 
 DEFAULT_SWEEP = "1,2,4,6"
@@ -33,6 +34,16 @@ def _common(parser: argparse.ArgumentParser, seconds: float) -> None:
     parser.add_argument("--env-file", type=Path, default=h.DEFAULT_ENV_FILE)
     parser.add_argument("--out", type=Path, help="write the full results as JSON here")
     parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
+
+
+def _runs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="play at seeds seed, seed + 1, ... this many times, each into a fresh server, and "
+        "pool them (benchmarks/pooled.py)",
+    )
 
 
 def _calls_list(text: str) -> list[int]:
@@ -58,6 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"start the calls at random within this many seconds (default {bc.STAGGER_SECONDS:g})",
     )
     _common(live, DEFAULT_SECONDS)
+    _runs(live)
 
     burst = sub.add_parser("burst", help="N short calls connecting within 0.2 s: lag, WER")
     burst.add_argument("--calls", type=int, required=True)
@@ -67,6 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--monologue", action="store_true", help=f"the first call opens with {bc.MONOLOGUE} (73 s)"
     )
     _common(burst, DEFAULT_SECONDS)
+    _runs(burst)
 
     sweep = sub.add_parser(
         "sweep", help="live at several call counts, staggered and as a burst: table and plot"
@@ -200,12 +213,20 @@ def main(argv: list[str]) -> int:
         offline = OfflineTranscriber()
         prompts = args.prompts if args.command == "burst" else None
         monologue = args.command == "burst" and args.monologue
-        played = bench_calls(args.calls, args.seconds, args.seed, prompts, monologue)
-        live = run_calls(
-            played, args.seconds, args.seed, env, offline, args.env_file, args.stagger, prompts
-        )
-        results.append(live)
-        body = f"{report.table([report.live_row(live)])}\n\n{live_details(live)}"
+        seeded: list[LiveResult] = []
+        for seed in range(args.seed, args.seed + max(1, args.runs)):
+            played = bench_calls(args.calls, args.seconds, seed, prompts, monologue)
+            seeded.append(
+                run_calls(
+                    played, args.seconds, seed, env, offline, args.env_file, args.stagger, prompts
+                )
+            )
+            if args.runs > 1:
+                print(report.table([report.live_row(seeded[-1])]), file=sys.stderr, flush=True)
+        live = pooled(seeded) if len(seeded) > 1 else seeded[0]
+        results += seeded
+        rows = [*seeded, live] if len(seeded) > 1 else seeded
+        body = f"{report.table([report.live_row(r) for r in rows])}\n\n{live_details(live)}"
         print(body)
         title = f"{args.command}, {args.calls} call(s)"
         blocks.append((title, body, h.bench_settings(env, args.env_file)))

@@ -72,6 +72,7 @@ class LiveResult(h.ServerFigures):
     prompts: int | None = None  # a burst: calls of this many prompts each instead of `seconds`
     monologue: bool = False  # the first call opens with bc.MONOLOGUE
     conversation_finals: int = 0  # finals published again on the calls' conversation channels
+    runs: int = 1  # runs at seeds seed, seed + 1, ... pooled into these figures (pooled.py)
     per_call: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -89,10 +90,11 @@ class LiveResult(h.ServerFigures):
     @property
     def scenario(self) -> str:
         """`burst` (short calls connecting together) or `staggered` (long calls)."""
+        seeds = f"; seeds {self.seed} to {self.seed + self.runs - 1}" if self.runs > 1 else ""
         if self.prompts:
             long = ", 1 with a 73 s monologue" if self.monologue else ""
-            return f"burst ({self.prompts} prompts{long}, {self.stagger:g} s)"
-        return f"staggered ({self.seconds:.0f} s, {self.stagger:g} s)"
+            return f"burst ({self.prompts} prompts{long}, {self.stagger:g} s{seeds})"
+        return f"staggered ({self.seconds:.0f} s, {self.stagger:g} s{seeds})"
 
     @property
     def holds_bar(self) -> bool:

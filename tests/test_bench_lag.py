@@ -396,3 +396,52 @@ def test_parts_of_the_bar_set_aside_are_not_judged() -> None:
     assert largest_holding(results) == 4
     assert largest_holding(results, aside=frozenset({"WER"})) == 6
     assert largest_holding(results, aside=frozenset({"WER", "word lag"})) == 10
+
+
+# --- runs pooled over seeds ----------------------------------------------------------------------
+
+
+def _run(seed: int, calls: list[dict[str, Any]], **figures: Any) -> Any:
+    """A LiveResult of a burst at `seed` with these per-call records; other figures zero."""
+    import dataclasses
+
+    from benchmarks.live import LiveResult
+
+    zero: dict[str, Any] = {
+        f.name: 0 for f in dataclasses.fields(LiveResult) if f.default is dataclasses.MISSING
+    }
+    values = {**zero, "seed": seed, "calls": len(calls), "env": {}, "model": "tiny.en"}
+    return LiveResult(**{**values, "prompts": 4, "per_call": calls, **figures})
+
+
+def test_pooled_runs_take_wer_over_all_words_and_lags_over_all_of_them() -> None:
+    from benchmarks.pooled import pooled
+
+    short = {  # 4 words, 2 wrong: 50 % alone
+        "reference": "press one to record",
+        "finals": "press won two record",
+        "offline": "press one to record",
+        "word_lags": [0.5, 0.5, None, 0.5],
+        "final_lags": [1.0],
+    }
+    long = {  # 16 words, none wrong
+        "reference": " ".join(["please check the number and try again now"] * 2),
+        "finals": " ".join(["please check the number and try again now"] * 2),
+        "offline": " ".join(["please check the number and try again now"] * 2),
+        "word_lags": [0.1] * 15 + [1.9],
+        "final_lags": [2.0, 2.5],
+    }
+    skipped = {"call_id": "x", "seed": 2001, "processing_mode": "postcall_only"}
+    one = _run(1, [short], server_cpu_s=2.0, audio_seconds=10.0, peak_rss_mb=300.0)
+    two = _run(2, [long, skipped], server_cpu_s=1.0, audio_seconds=20.0, peak_rss_mb=350.0)
+    both = pooled([one, two])
+    assert both.final_wer == pytest.approx(2 / 20)  # not the mean of 50 % and 0 %
+    assert both.offline_wer == 0.0
+    assert (both.words, both.words_missing, both.utterances) == (20, 1, 3)
+    assert both.word_lag_p50 == pytest.approx(0.1)
+    assert both.final_lag_p95 == pytest.approx(lag.percentile([1.0, 2.0, 2.5], 95))
+    assert both.cpu_per_audio_s == pytest.approx(3.0 / 30.0)
+    assert both.peak_rss_mb == 350.0
+    assert (both.seed, both.runs, len(both.per_call)) == (1, 2, 3)
+    assert "seeds 1 to 2" in both.scenario
+    assert both.bar_failures == ["WER"]
