@@ -88,6 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sweep.add_argument("--no-burst", action="store_true", help="only the staggered runs")
     sweep.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     _common(sweep, DEFAULT_SECONDS)
+    _runs(sweep)
 
     ingest = sub.add_parser("ingest", help="many real-time calls, no live ASR: CPU, losses")
     ingest.add_argument("--calls", type=int, default=DEFAULT_INGEST_CALLS)
@@ -136,19 +137,25 @@ def do_sweep(
     env: dict[str, str],
     env_file: Path,
     burst: bool = True,
+    runs: int = 1,
 ) -> list[LiveResult]:
-    """At each count: the staggered long calls, then (with `burst`) the burst of short ones."""
+    """At each count: the staggered long calls, then (with `burst`) the burst of short ones;
+    each played at `runs` seeds from `seed` on and pooled (benchmarks/pooled.py)."""
     offline = OfflineTranscriber()
     results = []
+    seeds = range(seed, seed + max(1, runs))
     for n in counts:
         print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
-        calls = bench_calls(n, seconds, seed)
-        results.append(run_calls(calls, seconds, seed, env, offline, env_file))
-        print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
+        staggered = [
+            run_calls(bench_calls(n, seconds, s), seconds, s, env, offline, env_file) for s in seeds
+        ]
+        results.append(pooled(staggered))
+        print(report.table([report.live_row(r) for r in staggered]), file=sys.stderr, flush=True)
         if burst:
             print(f"burst: {n} call(s) ...", file=sys.stderr, flush=True)
-            results.append(run_burst(n, bc.BURST_PROMPTS, seed, env, offline, env_file))
-            print(report.table([report.live_row(results[-1])]), file=sys.stderr, flush=True)
+            bursts = [run_burst(n, bc.BURST_PROMPTS, s, env, offline, env_file) for s in seeds]
+            results.append(pooled(bursts))
+            print(report.table([report.live_row(r) for r in bursts]), file=sys.stderr, flush=True)
     return results
 
 
@@ -223,7 +230,7 @@ def main(argv: list[str]) -> int:
             )
             if args.runs > 1:
                 print(report.table([report.live_row(seeded[-1])]), file=sys.stderr, flush=True)
-        live = pooled(seeded) if len(seeded) > 1 else seeded[0]
+        live = pooled(seeded)
         results += seeded
         rows = [*seeded, live] if len(seeded) > 1 else seeded
         body = f"{report.table([report.live_row(r) for r in rows])}\n\n{live_details(live)}"
@@ -235,7 +242,8 @@ def main(argv: list[str]) -> int:
         seconds = args.seconds if args.command == "sweep" else DEFAULT_SECONDS
         seed = args.seed if args.command == "sweep" else 1
         no_burst = args.command == "sweep" and args.no_burst
-        sweep = do_sweep(counts, seconds, seed, env, args.env_file, burst=not no_burst)
+        seeds = args.runs if args.command == "sweep" else 1
+        sweep = do_sweep(counts, seconds, seed, env, args.env_file, not no_burst, seeds)
         results += sweep
         body = sweep_summary(sweep)
         print(body)

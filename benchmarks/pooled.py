@@ -26,8 +26,10 @@ def _measured(result: LiveResult) -> list[dict[str, Any]]:
 def pooled(results: list[LiveResult]) -> LiveResult:
     """One result for runs of the same scenario and call count at seeds seed, seed + 1, ...:
     counts and seconds added, percentiles and WER over every call, worst-case figures (RSS,
-    loop lag, delivery, pacing) the worst of the runs."""
+    loop lag, delivery, pacing) the worst of the runs. One run is its own pool."""
     first = results[0]
+    if len(results) == 1:
+        return first
     calls = [c for r in results for c in _measured(r)]
     word_lags = [x for c in calls for x in c["word_lags"]]
     final_lags = [x for c in calls for x in c["final_lags"]]
