@@ -101,6 +101,21 @@ class LiveResult(h.ServerFigures):
         return not self.bar_failures
 
 
+def lag_figures(word_lags: list[float | None], final_lags: list[float | None]) -> dict[str, Any]:
+    """LiveResult's word and final lag fields from every word's and utterance's lag (None:
+    never shown, never covered by a final)."""
+    return {
+        "words": len(word_lags),
+        "words_missing": sum(1 for x in word_lags if x is None),
+        "word_lag_p50": lag.percentile(word_lags, 50),
+        "word_lag_p95": lag.percentile(word_lags, 95),
+        "utterances": len(final_lags),
+        "finals_missing": sum(1 for x in final_lags if x is None),
+        "final_lag_p50": lag.percentile(final_lags, 50),
+        "final_lag_p95": lag.percentile(final_lags, 95),
+    }
+
+
 def call_seed(seed: int, index: int) -> int:
     """Call i of every run with the same --seed is the same audio, whatever the call count."""
     return seed * 1000 + index
@@ -272,14 +287,7 @@ def run_calls(
         model=model,
         final_beam_size=settings.final_beam(settings.device),
         audio_seconds=audio_seconds,
-        words=len(word_lags),
-        words_missing=sum(1 for x in word_lags if x is None),
-        word_lag_p50=lag.percentile(word_lags, 50),
-        word_lag_p95=lag.percentile(word_lags, 95),
-        utterances=len(final_lags),
-        finals_missing=sum(1 for x in final_lags if x is None),
-        final_lag_p50=lag.percentile(final_lags, 50),
-        final_lag_p95=lag.percentile(final_lags, 95),
+        **lag_figures(word_lags, final_lags),
         final_wer=corpus_wer(pairs),
         offline_wer=corpus_wer(offline_pairs),
         cpu_per_audio_s=(after.cpu_seconds - before.cpu_seconds) / audio_seconds,

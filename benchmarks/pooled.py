@@ -13,8 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from benchmarks import lag
-from benchmarks.live import LiveResult
+from benchmarks.live import LiveResult, lag_figures
 from streamsrv.wer import corpus_wer
 
 
@@ -51,14 +50,7 @@ def pooled(results: list[LiveResult]) -> LiveResult:
         bytes_received=total("bytes_received"),
         recorded_seconds=sum(r.recorded_seconds for r in results),
         audio_seconds=audio,
-        words=len(word_lags),
-        words_missing=sum(1 for x in word_lags if x is None),
-        word_lag_p50=lag.percentile(word_lags, 50),
-        word_lag_p95=lag.percentile(word_lags, 95),
-        utterances=len(final_lags),
-        finals_missing=sum(1 for x in final_lags if x is None),
-        final_lag_p50=lag.percentile(final_lags, 50),
-        final_lag_p95=lag.percentile(final_lags, 95),
+        **lag_figures(word_lags, final_lags),
         final_wer=corpus_wer([(str(c["reference"]), str(c["finals"])) for c in calls]),
         offline_wer=corpus_wer([(str(c["reference"]), str(c["offline"])) for c in calls]),
         cpu_per_audio_s=cpu / audio if audio else math.nan,
