@@ -179,9 +179,9 @@ def _counted(count: int | None) -> str:
 def sweep_summary(results: list[LiveResult]) -> str:
     """The table and the largest count holding the bar; and, where WER alone keeps that
     count lower, the largest count holding the rest of it: how far the load goes before lags
-    or losses give way. A live WER above the offline one comes from each segment being heard
-    without what follows it, whatever the load (RESULTS.md, 2026-12-03 night), and a burst
-    of a few calls has few words: one misheard prompt moves its WER by a point."""
+    or losses give way. A live WER above the offline one comes from each segment being decoded
+    in a window of its own, whatever the load (RESULTS.md, 2026-12-03 night), and a burst of a
+    few calls has few words: one misheard prompt moves its WER by a point."""
     best = report.largest_holding(results)
     lines = [
         report.table([report.live_row(r) for r in results]),
