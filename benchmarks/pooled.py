@@ -16,6 +16,29 @@ from typing import Any
 from benchmarks.live import LiveResult, lag_figures
 from streamsrv.wer import corpus_wer
 
+# How each figure of the runs pools: added up, or the worst of them. The rest (lags, WER,
+# CPU per audio s, batch mean, the calls) is computed in pooled() from what the runs hold.
+ADDED = (
+    "server_cpu_s",
+    "frames_sent",
+    "frames_received",
+    "frames_lost",
+    "bytes_sent",
+    "bytes_received",
+    "recorded_seconds",
+    "audio_seconds",
+    "partials",
+    "finals",
+    "partials_shed",
+    "model_seconds",
+    "calls_not_ended",
+    "calls_postcall_only",
+    "jobs_written",
+    "conversation_finals",
+    "runs",
+)
+WORST = ("peak_rss_mb", "loop_lag_p99", "delivery_p95", "client_late_p99_ms")
+
 
 def _measured(result: LiveResult) -> list[dict[str, Any]]:
     """Per-call records of the calls served live (not those served postcall_only)."""
@@ -32,39 +55,18 @@ def pooled(results: list[LiveResult]) -> LiveResult:
     calls = [c for r in results for c in _measured(r)]
     word_lags = [x for c in calls for x in c["word_lags"]]
     final_lags = [x for c in calls for x in c["final_lags"]]
-    audio = sum(r.audio_seconds for r in results)
-    cpu = sum(r.server_cpu_s for r in results)
-
-    def total(name: str) -> int:
-        return sum(int(getattr(r, name)) for r in results)
-
+    figures: dict[str, Any] = {
+        **{name: sum(getattr(r, name) for r in results) for name in ADDED},
+        **{name: max(getattr(r, name) for r in results) for name in WORST},
+    }
+    audio = figures["audio_seconds"]
     return dataclasses.replace(
         first,
-        server_cpu_s=cpu,
-        peak_rss_mb=max(r.peak_rss_mb for r in results),
-        loop_lag_p99=max(r.loop_lag_p99 for r in results),
-        frames_sent=total("frames_sent"),
-        frames_received=total("frames_received"),
-        frames_lost=total("frames_lost"),
-        bytes_sent=total("bytes_sent"),
-        bytes_received=total("bytes_received"),
-        recorded_seconds=sum(r.recorded_seconds for r in results),
-        audio_seconds=audio,
+        **figures,
         **lag_figures(word_lags, final_lags),
         final_wer=corpus_wer([(str(c["reference"]), str(c["finals"])) for c in calls]),
         offline_wer=corpus_wer([(str(c["reference"]), str(c["offline"])) for c in calls]),
-        cpu_per_audio_s=cpu / audio if audio else math.nan,
-        partials=total("partials"),
-        finals=total("finals"),
-        partials_shed=total("partials_shed"),
+        cpu_per_audio_s=figures["server_cpu_s"] / audio if audio else math.nan,
         batch_size_mean=sum(r.batch_size_mean for r in results) / len(results),
-        model_seconds=sum(r.model_seconds for r in results),
-        delivery_p95=max(r.delivery_p95 for r in results),
-        client_late_p99_ms=max(r.client_late_p99_ms for r in results),
-        calls_not_ended=total("calls_not_ended"),
-        calls_postcall_only=total("calls_postcall_only"),
-        jobs_written=total("jobs_written"),
-        conversation_finals=total("conversation_finals"),
-        runs=sum(r.runs for r in results),
         per_call=[c for r in results for c in r.per_call],
     )
