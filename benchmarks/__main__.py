@@ -242,8 +242,8 @@ def main(argv: list[str]) -> int:
         seconds = args.seconds if args.command == "sweep" else DEFAULT_SECONDS
         seed = args.seed if args.command == "sweep" else 1
         no_burst = args.command == "sweep" and args.no_burst
-        seeds = args.runs if args.command == "sweep" else 1
-        sweep = do_sweep(counts, seconds, seed, env, args.env_file, not no_burst, seeds)
+        sweep_runs = args.runs if args.command == "sweep" else 1
+        sweep = do_sweep(counts, seconds, seed, env, args.env_file, not no_burst, sweep_runs)
         results += sweep
         body = sweep_summary(sweep)
         print(body)
