@@ -2,8 +2,9 @@
 
 Case, punctuation and accents are dropped (the Spanish prompt texts are written without them:
 "lider" for "líder"), hyphens split words, single digits are written out ("press 1"
-and "press one" are the same words), and a run of three or more single letters is one token
-(an acronym spelled "m i s d n" or written "MISDN").
+and "press one" are the same words), a run of three or more single letters is one token
+(an acronym spelled "m i s d n" or written "MISDN"), and a word written as two ("black list")
+matches the one word ("blacklist").
 """
 
 from __future__ import annotations
@@ -38,12 +39,21 @@ def normalise(text: str) -> list[str]:
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance over words, where a word written as two ("black list" for
+    "blacklist", "voice mail" for "voicemail") matches at no cost either way: a spelling
+    convention, as the normalisation's hyphens are, not a recognition error."""
+    before: list[int] = []  # the row two reference words back
     previous = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         current = [i]
         for j, h in enumerate(hyp, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
-        previous = current
+            best = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h))
+            if j >= 2 and r == hyp[j - 2] + h:
+                best = min(best, previous[j - 2])
+            if i >= 2 and ref[i - 2] + r == h:
+                best = min(best, before[j - 1])
+            current.append(best)
+        before, previous = previous, current
     return previous[-1]
 
 

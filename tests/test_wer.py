@@ -31,3 +31,12 @@ def test_wer_counts_substitutions_insertions_deletions() -> None:
 def test_corpus_wer_weights_by_reference_words() -> None:
     pairs = [("one two three four", "one two three four"), ("five six", "")]
     assert corpus_wer(pairs) == 2 / 6
+
+
+def test_a_word_written_as_two_matches_the_one_word() -> None:
+    ref = "enter the number to be removed from the blacklist"
+    assert wer(ref, "enter the number to be removed from the black list") == 0
+    assert wer("check your voice mail now", "check your voicemail now") == 0
+    # only a pair that spells the word: "black lust" is still two errors against "blacklist"
+    assert wer("the blacklist", "the black lust") == 1.0
+    assert wer("a blacklist b", "a black b") == 1 / 3
