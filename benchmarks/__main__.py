@@ -15,7 +15,7 @@ from benchmarks import harness as h
 from benchmarks.ingest import IngestResult, run_ingest
 from benchmarks.live import LiveResult, bench_calls, run_calls
 from benchmarks.offline import OfflineTranscriber
-from benchmarks.pooled import pooled
+from benchmarks.pooled import play_seeds, pooled
 from streamsrv.config import Settings
 
 DEFAULT_SWEEP = "1,2,4,6"
@@ -23,6 +23,9 @@ DEFAULT_SECONDS = 60.0
 DEFAULT_INGEST_CALLS = 300
 DEFAULT_INGEST_SECONDS = 30.0
 DEFAULT_PLOT = Path(__file__).resolve().parent / "sweep.png"
+# The sweep's pools hold this many reference words at least: 1 WER point is then 3 words or
+# more, where one call of four prompts (about 30 words) would make one word 3 points.
+DEFAULT_MIN_WORDS = 300
 
 
 def _common(parser: argparse.ArgumentParser, seconds: float) -> None:
@@ -87,6 +90,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sweep.add_argument("--calls", type=_calls_list, default=_calls_list(DEFAULT_SWEEP))
     sweep.add_argument("--no-burst", action="store_true", help="only the staggered runs")
     sweep.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    sweep.add_argument(
+        "--min-words",
+        type=int,
+        default=DEFAULT_MIN_WORDS,
+        help="play more seeds at a count until its pool holds this many reference words "
+        f"(default {DEFAULT_MIN_WORDS}; 0: --runs only)",
+    )
     _common(sweep, DEFAULT_SECONDS)
     _runs(sweep)
 
@@ -138,24 +148,30 @@ def do_sweep(
     env_file: Path,
     burst: bool = True,
     runs: int = 1,
+    min_words: int = 0,
 ) -> list[LiveResult]:
     """At each count: the staggered long calls, then (with `burst`) the burst of short ones;
-    each played at `runs` seeds from `seed` on and pooled (benchmarks/pooled.py)."""
+    each played at `runs` seeds from `seed` on, and more until the pool holds `min_words`
+    reference words, and pooled (benchmarks/pooled.py)."""
     offline = OfflineTranscriber()
     results = []
-    seeds = range(seed, seed + max(1, runs))
+
+    def echo(result: LiveResult) -> None:
+        print(report.table([report.live_row(result)]), file=sys.stderr, flush=True)
+
     for n in counts:
+
+        def staggered_at(s: int, n: int = n) -> LiveResult:
+            return run_calls(bench_calls(n, seconds, s), seconds, s, env, offline, env_file)
+
+        def burst_at(s: int, n: int = n) -> LiveResult:
+            return run_burst(n, bc.BURST_PROMPTS, s, env, offline, env_file)
+
         print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
-        staggered = [
-            run_calls(bench_calls(n, seconds, s), seconds, s, env, offline, env_file) for s in seeds
-        ]
-        results.append(pooled(staggered))
-        print(report.table([report.live_row(r) for r in staggered]), file=sys.stderr, flush=True)
+        results.append(pooled(play_seeds(staggered_at, seed, runs, min_words, echo)))
         if burst:
             print(f"burst: {n} call(s) ...", file=sys.stderr, flush=True)
-            bursts = [run_burst(n, bc.BURST_PROMPTS, s, env, offline, env_file) for s in seeds]
-            results.append(pooled(bursts))
-            print(report.table([report.live_row(r) for r in bursts]), file=sys.stderr, flush=True)
+            results.append(pooled(play_seeds(burst_at, seed, runs, min_words, echo)))
     return results
 
 
@@ -220,16 +236,14 @@ def main(argv: list[str]) -> int:
         offline = OfflineTranscriber()
         prompts = args.prompts if args.command == "burst" else None
         monologue = args.command == "burst" and args.monologue
-        seeded: list[LiveResult] = []
-        for seed in range(args.seed, args.seed + max(1, args.runs)):
+
+        def play(seed: int) -> LiveResult:
             played = bench_calls(args.calls, args.seconds, seed, prompts, monologue)
-            seeded.append(
-                run_calls(
-                    played, args.seconds, seed, env, offline, args.env_file, args.stagger, prompts
-                )
+            return run_calls(
+                played, args.seconds, seed, env, offline, args.env_file, args.stagger, prompts
             )
-            if args.runs > 1:
-                print(report.table([report.live_row(seeded[-1])]), file=sys.stderr, flush=True)
+
+        seeded = play_seeds(play, args.seed, args.runs)
         live = pooled(seeded)
         results += seeded
         rows = [*seeded, live] if len(seeded) > 1 else seeded
@@ -243,7 +257,10 @@ def main(argv: list[str]) -> int:
         seed = args.seed if args.command == "sweep" else 1
         no_burst = args.command == "sweep" and args.no_burst
         sweep_runs = args.runs if args.command == "sweep" else 1
-        sweep = do_sweep(counts, seconds, seed, env, args.env_file, not no_burst, sweep_runs)
+        min_words = args.min_words if args.command == "sweep" else DEFAULT_MIN_WORDS
+        sweep = do_sweep(
+            counts, seconds, seed, env, args.env_file, not no_burst, sweep_runs, min_words
+        )
         results += sweep
         body = sweep_summary(sweep)
         print(body)

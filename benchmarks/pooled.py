@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.live import LiveResult, lag_figures
@@ -38,6 +39,28 @@ ADDED = (
     "runs",
 )
 WORST = ("peak_rss_mb", "loop_lag_p99", "delivery_p95", "client_late_p99_ms")
+MAX_RUNS = 32  # a pool never plays more seeds than this, however few words each holds
+
+
+def play_seeds(
+    play: Callable[[int], LiveResult],
+    seed: int,
+    runs: int = 1,
+    min_words: int = 0,
+    played: Callable[[LiveResult], None] | None = None,
+) -> list[LiveResult]:
+    """Results of `play` at seeds seed, seed + 1, ...: `runs` of them at least, and more (up
+    to MAX_RUNS) until they hold `min_words` reference words together. A 1-point WER margin
+    is a few words on a few dozen: one call of four prompts holds about 30, so one misheard
+    word is three points there. `played` sees each result as it comes."""
+    results: list[LiveResult] = []
+    while len(results) < max(1, runs) or (
+        sum(r.words for r in results) < min_words and len(results) < MAX_RUNS
+    ):
+        results.append(play(seed + len(results)))
+        if played is not None:
+            played(results[-1])
+    return results
 
 
 def _measured(result: LiveResult) -> list[dict[str, Any]]:

@@ -445,3 +445,22 @@ def test_pooled_runs_take_wer_over_all_words_and_lags_over_all_of_them() -> None
     assert (both.seed, both.runs, len(both.per_call)) == (1, 2, 3)
     assert "seeds 1 to 2" in both.scenario
     assert both.bar_failures == ["WER"]
+
+
+def test_play_seeds_plays_on_until_the_pool_holds_enough_words() -> None:
+    from benchmarks.pooled import MAX_RUNS, play_seeds
+
+    seeds: list[int] = []
+
+    def play(seed: int) -> Any:
+        seeds.append(seed)
+        return _run(seed, [], words=30, runs=1)
+
+    assert [r.seed for r in play_seeds(play, 5, runs=2)] == [5, 6]
+    seeds.clear()
+    assert len(play_seeds(play, 1, runs=2, min_words=100)) == 4  # 4 x 30 words reach 100; 3 do not
+    assert seeds == [1, 2, 3, 4]
+    assert len(play_seeds(play, 1, runs=1, min_words=10**6)) == MAX_RUNS
+    shown: list[int] = []
+    play_seeds(play, 3, runs=3, min_words=60, played=lambda r: shown.append(r.seed))
+    assert shown == [3, 4, 5]  # runs already hold 90 words: no more
