@@ -140,6 +140,11 @@ def live_details(r: LiveResult) -> str:
     )
 
 
+def echo_row(result: LiveResult) -> None:
+    """One run's row on stderr as soon as it is in, while the runs of its pool go on."""
+    print(report.table([report.live_row(result)]), file=sys.stderr, flush=True)
+
+
 def do_sweep(
     counts: list[int],
     seconds: float,
@@ -155,10 +160,6 @@ def do_sweep(
     reference words, and pooled (benchmarks/pooled.py)."""
     offline = OfflineTranscriber()
     results = []
-
-    def echo(result: LiveResult) -> None:
-        print(report.table([report.live_row(result)]), file=sys.stderr, flush=True)
-
     for n in counts:
 
         def staggered_at(s: int, n: int = n) -> LiveResult:
@@ -168,10 +169,10 @@ def do_sweep(
             return run_burst(n, bc.BURST_PROMPTS, s, env, offline, env_file)
 
         print(f"live: {n} call(s) of {seconds:.0f} s ...", file=sys.stderr, flush=True)
-        results.append(pooled(play_seeds(staggered_at, seed, runs, min_words, echo)))
+        results.append(pooled(play_seeds(staggered_at, seed, runs, min_words, echo_row)))
         if burst:
             print(f"burst: {n} call(s) ...", file=sys.stderr, flush=True)
-            results.append(pooled(play_seeds(burst_at, seed, runs, min_words, echo)))
+            results.append(pooled(play_seeds(burst_at, seed, runs, min_words, echo_row)))
     return results
 
 
@@ -243,7 +244,7 @@ def main(argv: list[str]) -> int:
                 played, args.seconds, seed, env, offline, args.env_file, args.stagger, prompts
             )
 
-        seeded = play_seeds(play, args.seed, args.runs)
+        seeded = play_seeds(play, args.seed, args.runs, played=echo_row if args.runs > 1 else None)
         live = pooled(seeded)
         results += seeded
         rows = [*seeded, live] if len(seeded) > 1 else seeded
