@@ -23,6 +23,7 @@ from benchmarks import calls as bc
 from benchmarks import harness as h
 from benchmarks import lag
 from benchmarks.offline import OfflineTranscriber
+from benchmarks.wer_gap import Gap, wer_gap
 from streamsrv import events
 from streamsrv.config import Settings
 from streamsrv.wer import corpus_wer
@@ -99,6 +100,16 @@ class LiveResult(h.ServerFigures):
     @property
     def holds_bar(self) -> bool:
         return not self.bar_failures
+
+    @property
+    def measured_calls(self) -> list[dict[str, Any]]:
+        """Per-call records of the calls served live (not those served postcall_only)."""
+        return [c for c in self.per_call if "reference" in c]
+
+    @property
+    def gap(self) -> Gap:
+        """The WER gap over these calls, with how sure it is (benchmarks/wer_gap.py)."""
+        return wer_gap(self.measured_calls)
 
 
 def lag_figures(word_lags: list[float | None], final_lags: list[float | None]) -> dict[str, Any]:

@@ -63,11 +63,6 @@ def play_seeds(
     return results
 
 
-def _measured(result: LiveResult) -> list[dict[str, Any]]:
-    """Per-call records of the calls served live (not those served postcall_only)."""
-    return [c for c in result.per_call if "reference" in c]
-
-
 def pooled(results: list[LiveResult]) -> LiveResult:
     """One result for runs of the same scenario and call count at seeds seed, seed + 1, ...:
     counts and seconds added, percentiles and WER over every call, worst-case figures (RSS,
@@ -75,7 +70,7 @@ def pooled(results: list[LiveResult]) -> LiveResult:
     first = results[0]
     if len(results) == 1:
         return first
-    calls = [c for r in results for c in _measured(r)]
+    calls = [c for r in results for c in r.measured_calls]
     word_lags = [x for c in calls for x in c["word_lags"]]
     final_lags = [x for c in calls for x in c["final_lags"]]
     figures: dict[str, Any] = {

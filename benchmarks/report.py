@@ -14,6 +14,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from benchmarks.live import (
     WORD_LAG_P95_MAX,
     LiveResult,
 )
+from benchmarks.wer_gap import Gap, wer_gap
 from streamsrv.config import Settings
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
@@ -49,6 +51,7 @@ def live_row(r: LiveResult) -> dict[str, str]:
         "final lag p50 / p95 s": f"{num(r.final_lag_p50)} / {num(r.final_lag_p95)}",
         "finals missing": f"{r.finals_missing}/{r.utterances}",
         "WER live / offline": f"{num(100 * r.final_wer, 1)}% / {num(100 * r.offline_wer, 1)}%",
+        "WER gap (95 %) points": gap_text(r.gap),
         "CPU s per audio s": num(r.cpu_per_audio_s, 3),
         "peak RSS MB": num(r.peak_rss_mb, 0),
         "loop lag p99 s": num(r.loop_lag_p99, 3),
@@ -95,16 +98,48 @@ def table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def largest_holding(results: list[LiveResult], aside: frozenset[str] = frozenset()) -> int | None:
-    """The largest call count that holds the bar in every run at that count (staggered and
-    burst), with every smaller count tried holding too; `aside`: parts of the bar not judged
-    (LiveResult.bar_failures names)."""
+def gap_text(gap: Gap) -> str:
+    """A WER gap in points with its 95 % interval: "+0.6 (-0.1 to +1.4)"."""
+
+    def points(x: float) -> str:
+        return "-" if math.isnan(x) else f"{100 * x:+.1f}"
+
+    return f"{points(gap.gap)} ({points(gap.low)} to {points(gap.high)})"
+
+
+def largest_holding(
+    results: list[LiveResult], holds: Callable[[LiveResult], bool] = lambda r: not r.bar_failures
+) -> int | None:
+    """The largest call count whose every run (staggered and burst) `holds`, with every
+    smaller count tried holding too; by default the whole bar."""
     best = None
     for count in sorted({r.calls for r in results}):
-        if not all(set(r.bar_failures) <= aside for r in results if r.calls == count):
+        if not all(holds(r) for r in results if r.calls == count):
             break
         best = count
     return best
+
+
+def scenario_gaps(results: list[LiveResult]) -> dict[str, Gap]:
+    """The WER gap of every call of each scenario ("staggered", "burst"), all counts pooled."""
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        calls.setdefault("burst" if r.prompts else "staggered", []).extend(r.measured_calls)
+    return {name: wer_gap(pool) for name, pool in calls.items()}
+
+
+def largest_holding_pooled_wer(results: list[LiveResult]) -> int | None:
+    """largest_holding with the WER part judged where there are words enough to judge it:
+    each scenario's gap over all of its counts at most WER_GAP_MAX, and at each count a gap
+    above it only by more than the count's 95 % interval (a load that costs accuracy).
+    The lags and losses are judged at each count as before."""
+    if any(not gap.gap <= WER_GAP_MAX for gap in scenario_gaps(results).values()):
+        return None
+
+    def holds(r: LiveResult) -> bool:
+        return set(r.bar_failures) <= {"WER"} and r.gap.low <= WER_GAP_MAX
+
+    return largest_holding(results, holds)
 
 
 def bar_text() -> str:
