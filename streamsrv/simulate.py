@@ -83,7 +83,7 @@ class CallWatcher:
 
     async def __aexit__(self, *exc: object) -> None:
         with contextlib.suppress(redis.RedisError, OSError):  # Redis may be gone by now
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await self._client.aclose()
 
     async def channel_messages(

@@ -132,5 +132,5 @@ async def lifecycle(settings: Settings) -> AsyncIterator[list[dict[str, Any]]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         await client.aclose()

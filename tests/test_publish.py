@@ -62,7 +62,7 @@ class Subscriber:
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _read(self) -> None:
         async for item in self.pubsub.listen():
