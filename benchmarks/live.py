@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -106,9 +107,10 @@ class LiveResult(h.ServerFigures):
         """Per-call records of the calls served live (not those served postcall_only)."""
         return [c for c in self.per_call if "reference" in c]
 
-    @property
+    @functools.cached_property
     def gap(self) -> Gap:
-        """The WER gap over these calls, with how sure it is (benchmarks/wer_gap.py)."""
+        """The WER gap over these calls, with how sure it is (benchmarks/wer_gap.py); once
+        per result, though its table row and the sweep's verdict both read it."""
         return wer_gap(self.measured_calls)
 
 
